@@ -1,0 +1,1 @@
+"""SOCKS front end: sans-I/O codec and trio server."""
