@@ -39,7 +39,7 @@ Buffering is bounded: whenever ``next_event()`` returns ``NEED_DATA`` the buffer
 :data:`MAX_MESSAGE` bytes, since every handshake message has a maximum length (SOCKS4 USERID and
 SOCKS4a host names are capped at 255 bytes here; the protocol itself has no cap).
 
-Decisions where the RFCs are silent (see also the module README in the report):
+Decisions where the RFCs are silent:
 
 * The first byte selects the protocol: 0x05 SOCKS5, 0x04 SOCKS4/4a, anything else is a protocol
   error closed without reply (there is no protocol in which to answer).

@@ -285,15 +285,15 @@ class SocksServer:
     async def _serve_client(self, client: trio.SocketStream, peer: ClientAddress) -> None:
         who = _fmt_addr(peer)
         conn = SocksServerConnection(auth_required=self.users is not None)
-        request: ConnectRequest | None = None
+        outcome: ConnectRequest | bytes | None = None
         try:
-            with trio.move_on_after(self.handshake_timeout) as scope:
-                request = await self._handshake(client, conn, who)
+            with trio.move_on_after(self.handshake_timeout):
+                outcome = await self._handshake(client, conn, who)
         except trio.BrokenResourceError as exc:
             cause = exc.__cause__ or exc
             logger.info("client %s: connection lost during the handshake: %s", who, cause)
             return
-        if scope.cancelled_caught:
+        if outcome is None:
             logger.info(
                 "client %s: handshake not completed within %g s, dropped",
                 who,
@@ -301,9 +301,11 @@ class SocksServer:
             )
             await abort_stream(client)
             return
-        if request is None:
+        if isinstance(outcome, bytes):
+            await self._refuse(client, outcome)
             return
 
+        request = outcome
         dest = request.destination
         hooks = self.hooks
         handle = hooks.on_open(peer, dest) if hooks is not None else None
@@ -315,7 +317,8 @@ class SocksServer:
 
     async def _handshake(
         self, client: trio.SocketStream, conn: SocksServerConnection, who: str
-    ) -> ConnectRequest | None:
+    ) -> ConnectRequest | bytes:
+        """Run the codec until a request (returned) or a failure (its reply bytes returned)."""
         while True:
             event = conn.next_event()
             if event is NEED_DATA:
@@ -331,13 +334,11 @@ class SocksServer:
                         who,
                         event.username.decode("utf-8", "backslashreplace"),
                     )
-                    await self._refuse(client, reply)
-                    return None
+                    return reply
                 await client.send_all(reply)
             elif isinstance(event, ProtocolError):
                 logger.info("client %s: %s", who, event.message)
-                await self._refuse(client, event.reply)
-                return None
+                return event.reply
             else:
                 return event
 
