@@ -1,0 +1,176 @@
+"""RC queue pairs, memory registration and reusable work requests.
+
+pyverbs objects are expensive to build and ``SGE``/``SendWR``/``RecvWR`` free their C memory
+only in ``close()``, so work requests are built once and reused: a provider copies a work
+request into its queue inside ``post_send``/``post_recv``, so one ``SendWR`` whose scatter
+entry we rewrite serves every post. ``QPInitAttr`` defaults to ``sq_sig_all=1``; we signal
+selectively.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rdmaproxy.verbs._pyverbs import pv
+from rdmaproxy.verbs.cq import AsyncCompletionQueue
+from rdmaproxy.verbs.device import VerbsDevice
+
+INLINE_MAX = 64
+
+
+def access_all() -> int:
+    e = pv().enums
+    return int(e.IBV_ACCESS_LOCAL_WRITE | e.IBV_ACCESS_REMOTE_WRITE | e.IBV_ACCESS_REMOTE_READ)
+
+
+def register_memory(device: VerbsDevice, address: int, length: int, access: int | None = None) -> Any:
+    """Register caller-provided memory (e.g. a locked pool) as one memory region."""
+    return pv().mr.MR(device.pd, length, access_all() if access is None else access,
+                      address=address)
+
+
+def allocate_registered(device: VerbsDevice, length: int) -> Any:
+    """A small memory region whose buffer pyverbs allocates (control-message slots)."""
+    return pv().mr.MR(device.pd, length, access_all())
+
+
+def create_rc_qp(
+    device: VerbsDevice,
+    cq: AsyncCompletionQueue,
+    *,
+    max_send_wr: int,
+    max_recv_wr: int,
+    max_inline: int = INLINE_MAX,
+) -> Any:
+    qpm = pv().qp
+    cap = qpm.QPCap(
+        max_send_wr=max_send_wr, max_recv_wr=max_recv_wr, max_send_sge=1, max_recv_sge=1,
+        max_inline_data=max_inline,
+    )
+    init = qpm.QPInitAttr(
+        qp_type=pv().enums.IBV_QPT_RC, scq=cq.cq, rcq=cq.cq, cap=cap, sq_sig_all=0
+    )
+    return qpm.QP(device.pd, init)
+
+
+class SendQueue:
+    """Posts RDMA WRITE (with immediate), RDMA READ and SEND through one reused work request."""
+
+    def __init__(self, qp: Any) -> None:
+        wr = pv().wr
+        self.qp = qp
+        self.sge: Any = wr.SGE(0, 0, 0)
+        self.wr: Any = wr.SendWR(num_sge=1, sg=[self.sge])
+        # point the WR at our SGE so that rewriting the SGE rewrites the WR's scatter entry
+        self.wr.sg_list = self.sge
+
+    def _post(
+        self, opcode: int, wr_id: int, addr: int, length: int, lkey: int, *,
+        signaled: bool, inline: bool = False, imm: int | None = None,
+        remote: tuple[int, int] | None = None,
+    ) -> None:
+        e = pv().enums
+        self.sge.addr = addr
+        self.sge.length = length
+        self.sge.lkey = lkey
+        self.wr.wr_id = wr_id
+        self.wr.opcode = opcode
+        flags = 0
+        if signaled:
+            flags |= e.IBV_SEND_SIGNALED
+        if inline:
+            flags |= e.IBV_SEND_INLINE
+        self.wr.send_flags = flags
+        self.wr.imm_data = imm or 0
+        if remote is not None:
+            self.wr.set_wr_rdma(remote[1], remote[0])
+        self.qp.post_send(self.wr)
+
+    def write(
+        self, wr_id: int, addr: int, length: int, lkey: int, remote_addr: int, rkey: int, *,
+        signaled: bool = False, inline: bool = False,
+    ) -> None:
+        self._post(pv().enums.IBV_WR_RDMA_WRITE, wr_id, addr, length, lkey, signaled=signaled,
+                   inline=inline, remote=(remote_addr, rkey))
+
+    def write_imm(
+        self, wr_id: int, addr: int, length: int, lkey: int, remote_addr: int, rkey: int,
+        imm: int, *, signaled: bool = False, inline: bool = False,
+    ) -> None:
+        self._post(pv().enums.IBV_WR_RDMA_WRITE_WITH_IMM, wr_id, addr, length, lkey,
+                   signaled=signaled, inline=inline, imm=imm, remote=(remote_addr, rkey))
+
+    def read(
+        self, wr_id: int, addr: int, length: int, lkey: int, remote_addr: int, rkey: int, *,
+        signaled: bool = True,
+    ) -> None:
+        self._post(pv().enums.IBV_WR_RDMA_READ, wr_id, addr, length, lkey, signaled=signaled,
+                   remote=(remote_addr, rkey))
+
+    def send(
+        self, wr_id: int, addr: int, length: int, lkey: int, *, signaled: bool = True,
+        inline: bool = False,
+    ) -> None:
+        self._post(pv().enums.IBV_WR_SEND, wr_id, addr, length, lkey, signaled=signaled,
+                   inline=inline)
+
+    def close(self) -> None:
+        # The WR's scatter list is now the SGE's memory: freeing the WR frees it (the WR's own
+        # first list, 16 bytes, is left behind once per queue).
+        self.wr.close()
+
+
+class ReceiveSlots:
+    """``count`` receive buffers of ``size`` bytes in one MR, each with its own RecvWR.
+
+    ``wr_id`` of slot ``i`` is ``wr_id_base + i``.
+    """
+
+    def __init__(self, device: VerbsDevice, count: int, size: int, wr_id_base: int) -> None:
+        self.count, self.size, self.wr_id_base = count, size, wr_id_base
+        self.mr: Any = allocate_registered(device, count * size)
+        base = self.mr.buf
+        self._wrs = [
+            pv().wr.RecvWR(
+                wr_id=wr_id_base + i, num_sge=1,
+                sg=[pv().wr.SGE(base + i * size, size, self.mr.lkey)],
+            )
+            for i in range(count)
+        ]
+
+    def owns(self, wr_id: int) -> bool:
+        return self.wr_id_base <= wr_id < self.wr_id_base + self.count
+
+    def post(self, qp: Any, wr_id: int) -> None:
+        qp.post_recv(self._wrs[wr_id - self.wr_id_base])
+
+    def post_all(self, qp: Any) -> None:
+        for wr in self._wrs:
+            qp.post_recv(wr)
+
+    def read(self, wr_id: int, length: int) -> bytes:
+        data: bytes = self.mr.read(length, (wr_id - self.wr_id_base) * self.size)
+        return data
+
+    def close(self) -> None:
+        for wr in self._wrs:
+            wr.close()
+        self.mr.close()
+
+
+class SendSlots:
+    """``count`` registered send buffers of ``size`` bytes (control messages)."""
+
+    def __init__(self, device: VerbsDevice, count: int, size: int) -> None:
+        self.count, self.size = count, size
+        self.mr: Any = allocate_registered(device, count * size)
+        self.free = list(range(count))
+
+    def address(self, slot: int) -> int:
+        return int(self.mr.buf) + slot * self.size
+
+    def fill(self, slot: int, data: bytes) -> None:
+        self.mr.write(data, len(data), slot * self.size)
+
+    def close(self) -> None:
+        self.mr.close()

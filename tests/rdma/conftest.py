@@ -1,0 +1,55 @@
+"""Fixtures for tests that move bytes through real rxe (SoftRoCE) devices.
+
+Without devices these tests skip, except when RDMAPROXY_REQUIRE_RDMA=1 (as in CI and
+scripts/test.sh): then they fail, saying how to get devices.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import attrs
+import pytest
+
+from rdmaproxy.verbs.device import DeviceNotFound, device_for_ip
+
+NODE_A_IP = os.environ.get("RDMAPROXY_IP_A", "10.99.0.1")
+NODE_B_IP = os.environ.get("RDMAPROXY_IP_B", "10.99.0.2")
+
+HOW_TO_GET_DEVICES = (
+    "no RDMA devices for the test topology ({a} and {b}). As root on a host whose kernel has "
+    "rdma_rxe run `scripts/setup_rxe.sh`; elsewhere run the suite in the VM with "
+    "`scripts/test.sh` (it boots Debian's kernel under QEMU via ci/vm.sh). Detail: {detail}"
+)
+
+
+@attrs.frozen
+class Node:
+    ip: str
+    device: str
+
+
+@attrs.frozen
+class RxePair:
+    a: Node  # the "listening" node, rxe0 on 10.99.0.1
+    b: Node  # the other node, rxe1 on 10.99.0.2
+
+
+@pytest.fixture(scope="session")
+def rxe_pair() -> RxePair:
+    try:
+        a = device_for_ip(NODE_A_IP)
+        b = device_for_ip(NODE_B_IP)
+    except (DeviceNotFound, OSError) as exc:
+        message = HOW_TO_GET_DEVICES.format(a=NODE_A_IP, b=NODE_B_IP, detail=exc)
+        if os.environ.get("RDMAPROXY_REQUIRE_RDMA") == "1":
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message)
+    return RxePair(Node(NODE_A_IP, a.device), Node(NODE_B_IP, b.device))
+
+
+@pytest.fixture
+def rdma_port() -> int:
+    """A fresh rdma_cm port per test (avoids colliding with ids still in TIME_WAIT)."""
+    return random.randint(20000, 40000)
