@@ -189,7 +189,7 @@ def test_pinned_pool_real() -> None:
         msg = str(exc)
         assert "ulimit -l" in msg and "RLIMIT_MEMLOCK" in msg and str(size) in msg
         return
-    locked_before = _vm_locked_kib()
+    locked_kib = _vm_locked_kib()
     with p:
         assert p.size == size and not p.closed
         assert len(p.buffer) == size
@@ -201,8 +201,8 @@ def test_pinned_pool_real() -> None:
         assert ctypes.string_at(p.address + 4096, 8) == b"RDMAPROX"
         ctypes.memmove(p.address + 100, b"xyz", 3)
         assert bytes(p.buffer[100:103]) == b"xyz"
-        if locked_before is not None:
-            assert locked_before >= size // 1024
+        if locked_kib is not None:
+            assert locked_kib >= size // 1024
         assert repr(p).startswith("<PinnedPool 1 MiB at 0x")
     assert p.closed
     p.close()  # idempotent
