@@ -16,4 +16,6 @@ if [ $rc -ne 0 ]; then
     echo "[guest] command exited $rc; last kernel messages:" >&2
     dmesg | tail -n 60 >&2
 fi
+# Give the virtio console time to hand the last output to the host before power-off.
+sync; sleep 1
 exit $rc

@@ -60,12 +60,14 @@ command -v qemu-system-x86_64 >/dev/null || { log "qemu-system-x86_64 missing: a
 cmd=$(printf '%q ' "$@")
 log "booting $(basename "$VMLINUZ") under TCG (${RDMAPROXY_VM_CPUS:-2} vCPUs, ${RDMAPROXY_VM_MEMORY:-4G}), bound ${TIMEOUT}s"
 set +e
-# vng crashes when its standard input is closed (CI has none): give it /dev/null.
+# vng crashes when its standard input is closed (CI has none): give it /dev/null. QEMU reopens
+# /proc/self/fd/1 and /2 for the guest's console, so when they are one regular file the two
+# streams overwrite each other from offset 0: always hand it a pipe.
 PATH="$VENV/bin:$PATH" timeout --kill-after=30 "$TIMEOUT" \
     vng --run "$VMLINUZ" --disable-kvm --memory "${RDMAPROXY_VM_MEMORY:-4G}" \
         --cpus "${RDMAPROXY_VM_CPUS:-2}" --rwdir "$REPO" --cwd "$REPO" \
-        --exec "bash $REPO/ci/guest.sh $cmd" </dev/null
-rc=$?
+        --exec "bash $REPO/ci/guest.sh $cmd" </dev/null 2>&1 | cat
+rc=${PIPESTATUS[0]}
 set -e
 if [ $rc -eq 124 ]; then log "the VM hit the ${TIMEOUT}s wall-clock bound"; fi
 log "guest exit status $rc"

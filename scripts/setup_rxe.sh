@@ -39,16 +39,15 @@ status() {
         local base=/sys/class/infiniband/$dev/ports/1
         [ -d "$base" ] || { echo "$dev: absent"; continue; }
         echo "== $dev port 1: $(cat "$base/state") ($(cat "$base/phys_state"))"
-        for g in "$base"/gids/*; do
-            local idx gid type
-            idx=$(basename "$g")
-            gid=$(cat "$g" 2>/dev/null) || continue
-            case "$gid" in 0000:0000:0000:0000:0000:ffff:*) ;; *) continue ;; esac
-            type=$(cat "$base/gid_attrs/types/$idx" 2>/dev/null || echo "?")
-            local hex=${gid:30:4}${gid:35:4}
+        # One grep over the (1024-entry) GID table: a process per entry takes minutes under TCG.
+        local line file idx gid type hex
+        while IFS= read -r line; do
+            file=${line%%:*}; gid=${line#*:}; idx=${file##*/}
+            type=$(<"$base/gid_attrs/types/$idx") || type="?"
+            hex=${gid:30:4}${gid:35:4}
             printf '   gid index %s: %s  IPv4 %d.%d.%d.%d  (%s)\n' "$idx" "$gid" \
                 $((16#${hex:0:2})) $((16#${hex:2:2})) $((16#${hex:4:2})) $((16#${hex:6:2})) "$type"
-        done
+        done < <(grep -s -H '^0000:0000:0000:0000:0000:ffff:' "$base"/gids/* || true)
     done
 }
 
@@ -83,6 +82,10 @@ setup() {
     # packets "from itself" (rdma_cm ADDR_ERROR, or errno 110 moving a QP to RTR).
     sysctl -qw net.ipv4.conf.all.accept_local=1 "net.ipv4.conf.$VETH_A.accept_local=1" \
         "net.ipv4.conf.$VETH_B.accept_local=1"
+    # Both addresses are local, so ARP between the two ends of the pair never completes and the
+    # first rdma_cm address resolution waits for its whole timeout: pin the neighbours instead.
+    ip neigh replace "$IP_A" lladdr "$(cat "/sys/class/net/$VETH_A/address")" dev "$VETH_B" nud permanent
+    ip neigh replace "$IP_B" lladdr "$(cat "/sys/class/net/$VETH_B/address")" dev "$VETH_A" nud permanent
     for pair in "$RXE_A:$VETH_A" "$RXE_B:$VETH_B"; do
         local dev=${pair%%:*} netdev=${pair#*:} bound
         if [ -d "/sys/class/infiniband/$dev" ]; then

@@ -46,7 +46,8 @@ def fd_link(fd: int) -> str:
 
 
 def open_fds() -> set[int]:
-    return {int(name) for name in os.listdir("/proc/self/fd")}
+    """Open fds, leaving out the transient one listdir itself used (its link is gone by now)."""
+    return {int(name) for name in os.listdir("/proc/self/fd") if fd_link(int(name))}
 
 
 def new_fd_matching(before: set[int], marker: str) -> int:
@@ -62,14 +63,18 @@ def set_nonblocking(fd: int) -> None:
     fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
 
 
-def event_channel_fd(channel: Any, expected_fd: int) -> int:
-    """Cross-check the fd found through /proc with struct rdma_event_channel { int fd; }."""
+def event_channel_fd(channel: Any) -> int:
+    """The fd of a pyverbs CMEventChannel: struct rdma_event_channel { int fd; }.
+
+    Checked against /proc: it must be an open character device (``/dev/infiniband/rdma_cm``).
+    """
     pointer = first_c_pointer(channel)
     if not pointer:
         raise NativeLayoutError("CMEventChannel holds no rdma_event_channel")
     fd = ctypes.c_int.from_address(pointer).value
-    if fd != expected_fd:
-        raise NativeLayoutError(f"rdma_event_channel fd {fd} != /proc-discovered fd {expected_fd}")
+    link = fd_link(fd)
+    if "rdma_cm" not in link:
+        raise NativeLayoutError(f"rdma_event_channel fd {fd} is {link or 'not open'!r}")
     return fd
 
 

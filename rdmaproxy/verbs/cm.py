@@ -34,6 +34,7 @@ log = logging.getLogger("rdmaproxy.cm")
 CONNECT_PRIVATE_DATA_MAX = 56
 ACCEPT_PRIVATE_DATA_MAX = 196
 RDMA_READ_DEPTH = 4
+RESOLVE_TIMEOUT_MS = 2000  # per rdma_cm resolution step (as the rdma-core tools use)
 
 
 class CMEventType(enum.IntEnum):
@@ -92,12 +93,11 @@ class ConnectionManager:
     """Owns one rdma_cm event channel and the task that dispatches its events to CM ids."""
 
     def __init__(self) -> None:
-        before = _native.open_fds()
         self.channel: Any = pv().cmid.CMEventChannel()
-        fd = _native.new_fd_matching(before, "rdma_cm")
-        self.fd = _native.event_channel_fd(self.channel, fd)
+        self.fd = _native.event_channel_fd(self.channel)
         _native.set_nonblocking(self.fd)
         self._routes: dict[int, trio.MemorySendChannel[CMEventInfo]] = {}
+        self._ids: dict[int, Any] = {}  # every CMID we still have to close
         self._listeners: dict[int, Any] = {}
         self._closed = False
 
@@ -118,10 +118,12 @@ class ConnectionManager:
         pointer = _native.cm_id_pointer(cmid)
         if _native.cm_id_channel_pointer(pointer) != _native.first_c_pointer(self.channel):
             raise _native.NativeLayoutError("rdma_cm_id does not point at our event channel")
+        self._ids[pointer] = cmid
         return cmid, pointer, self._route(pointer)
 
     def release_id(self, cmid: Any, pointer: int) -> None:
         self._unroute(pointer)
+        self._ids.pop(pointer, None)
         try:
             cmid.close()
         except pv().PyverbsError as exc:
@@ -151,6 +153,7 @@ class ConnectionManager:
                     pv().device.Context(cmid=child)
                     pv().pd.PD(child)
                     child_events = self._route(raw.cm_id)
+                    self._ids[raw.cm_id] = child
         finally:
             event.ack_cm_event()
         return target, CMEventInfo(etype, raw.status, data, child, raw.cm_id, child_events)
@@ -163,6 +166,7 @@ class ConnectionManager:
             while (item := self._read_event()) is not None:
                 target, info = item
                 send = self._routes.get(target)
+                log.debug("cm event %s status %d for id %#x", info.type, info.status, target)
                 if send is None:
                     log.debug("dropping %s for an unknown CM id", info.type)
                     if info.child is not None:
@@ -174,6 +178,8 @@ class ConnectionManager:
         if self._closed:
             return
         self._closed = True
+        for pointer, cmid in list(self._ids.items()):
+            self.release_id(cmid, pointer)
         for send in self._routes.values():
             send.close()
         self._routes.clear()
@@ -196,15 +202,17 @@ class ConnectionManager:
             raise ValueError(f"connect private data is limited to {CONNECT_PRIVATE_DATA_MAX} bytes")
         cmid, pointer, events = self.new_id()
         where = f"{dst[0]}:{dst[1]}"
+        stage = "resolving the address"
         try:
             with trio.fail_after(timeout):
                 ai = pv().cmid.AddrInfo(
                     src=src_ip, dst=dst[0], dst_service=str(dst[1]),
                     port_space=pv().cm_enums.RDMA_PS_TCP,
                 )
-                cmid.resolve_addr(ai, int(timeout * 1000))
+                cmid.resolve_addr(ai, RESOLVE_TIMEOUT_MS)
                 await _expect(events, CMEventType.ADDR_RESOLVED, f"resolving {where}")
-                cmid.resolve_route(int(timeout * 1000))
+                stage = "resolving the route"
+                cmid.resolve_route(RESOLVE_TIMEOUT_MS)
                 await _expect(events, CMEventType.ROUTE_RESOLVED, f"resolving a route to {where}")
                 if cmid.dev_name != device.name:
                     raise RDMAConnectError(
@@ -214,6 +222,7 @@ class ConnectionManager:
                 _modify_qp(cmid, qp, pv().enums.IBV_QPS_INIT)
                 if on_qp_init is not None:
                     on_qp_init()
+                stage = "waiting for the connect response"
                 cmid.connect(_conn_param(qp, private_data))
                 info = await _expect(events, CMEventType.CONNECT_RESPONSE, f"connecting to {where}")
                 _modify_qp(cmid, qp, pv().enums.IBV_QPS_RTR)
@@ -221,7 +230,9 @@ class ConnectionManager:
                 cmid.establish()
         except trio.TooSlowError:
             self.release_id(cmid, pointer)
-            raise RDMAConnectError(f"timed out after {timeout:g}s connecting to {where}") from None
+            raise RDMAConnectError(
+                f"timed out after {timeout:g}s connecting to {where} ({stage})"
+            ) from None
         except BaseException:
             self.release_id(cmid, pointer)
             raise

@@ -23,7 +23,9 @@ def access_all() -> int:
     return int(e.IBV_ACCESS_LOCAL_WRITE | e.IBV_ACCESS_REMOTE_WRITE | e.IBV_ACCESS_REMOTE_READ)
 
 
-def register_memory(device: VerbsDevice, address: int, length: int, access: int | None = None) -> Any:
+def register_memory(
+    device: VerbsDevice, address: int, length: int, access: int | None = None
+) -> Any:
     """Register caller-provided memory (e.g. a locked pool) as one memory region."""
     return pv().mr.MR(device.pd, length, access_all() if access is None else access,
                       address=address)

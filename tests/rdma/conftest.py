@@ -9,31 +9,16 @@ from __future__ import annotations
 import os
 import random
 
-import attrs
 import pytest
+from rxe_topology import NODE_A_IP, NODE_B_IP, Node, RxePair
 
 from rdmaproxy.verbs.device import DeviceNotFound, device_for_ip
-
-NODE_A_IP = os.environ.get("RDMAPROXY_IP_A", "10.99.0.1")
-NODE_B_IP = os.environ.get("RDMAPROXY_IP_B", "10.99.0.2")
 
 HOW_TO_GET_DEVICES = (
     "no RDMA devices for the test topology ({a} and {b}). As root on a host whose kernel has "
     "rdma_rxe run `scripts/setup_rxe.sh`; elsewhere run the suite in the VM with "
     "`scripts/test.sh` (it boots Debian's kernel under QEMU via ci/vm.sh). Detail: {detail}"
 )
-
-
-@attrs.frozen
-class Node:
-    ip: str
-    device: str
-
-
-@attrs.frozen
-class RxePair:
-    a: Node  # the "listening" node, rxe0 on 10.99.0.1
-    b: Node  # the other node, rxe1 on 10.99.0.2
 
 
 @pytest.fixture(scope="session")

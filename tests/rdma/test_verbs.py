@@ -14,14 +14,13 @@ from typing import Any
 import attrs
 import pytest
 import trio
+from rxe_topology import RxePair
 
 from rdmaproxy.verbs._pyverbs import pv
 from rdmaproxy.verbs.cm import ConnectionManager, RCConnection, RDMAConnectError
 from rdmaproxy.verbs.cq import AsyncCompletionQueue, CompletionError
 from rdmaproxy.verbs.device import VerbsDevice
 from rdmaproxy.verbs.qp import ReceiveSlots, SendQueue, allocate_registered, create_rc_qp
-
-from .conftest import RxePair
 
 REGION = 1 << 20
 RECV_WR_BASE = 1 << 32
