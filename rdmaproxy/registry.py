@@ -8,6 +8,12 @@ into it, `peer_lost` resets and frees every stream of a dead peer connection.
 Time is passed in (``now``, seconds, any monotonic or wall clock the caller chooses); the
 registry never reads a clock. `snapshot` gives JSON-ready dicts for ``rdmaproxy status``;
 `format_table` / `format_totals` render them.
+
+*Direct* streams (the proxy dialled the destination itself over TCP: no peer, no pool slot)
+are kept beside the slot rows as `DirectRow`s, keyed by a local id: `add_direct` /
+`remove_direct`. They appear in `snapshot` (role ``"direct"``, ``slot`` None) and `totals`
+(``streams``, ``by_state``, byte counts, and ``direct_streams``), but not in the slot-row views
+(`get`, `find`, `lookup`, iteration, ``len``), which remain about slot-holding legs.
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ from rdmaproxy.pool import SlotAllocator, format_size
 from rdmaproxy.stream_state import Event, PeerLost, Role, State, StreamStateMachine
 
 __all__ = [
+    "DIRECT_ROLE",
+    "DirectRow",
     "Endpoint",
     "Registry",
     "StreamRow",
@@ -35,6 +43,10 @@ __all__ = [
 
 #: (host, port)
 Endpoint = tuple[str, int]
+
+
+#: The ``role`` of direct streams in `Registry.snapshot` rows.
+DIRECT_ROLE = "direct"
 
 
 class UnknownStream(ProtocolViolation):
@@ -127,16 +139,63 @@ class StreamRow:
         return d
 
 
+@attrs.define(slots=True)
+class DirectRow:
+    """A stream carried over plain TCP by this node itself: no peer, no pool slot.
+
+    ``state`` is OPENING until the destination connected, then OPEN; the row is removed when
+    the stream ends. Mutable like `StreamRow`: the owner updates it in place.
+    """
+
+    id: int
+    dest: Endpoint
+    opened_at: float
+    client: Endpoint | None = None
+    bound: Endpoint | None = None
+    state: State = State.OPENING
+    bytes_client_to_remote: int = 0
+    bytes_remote_to_client: int = 0
+
+    def to_dict(self, now: float | None = None) -> dict[str, Any]:
+        """Same keys as `StreamRow.to_dict` (slot, peer and ring fields None) plus ``id``."""
+        d: dict[str, Any] = {
+            "slot": None,
+            "id": self.id,
+            "role": DIRECT_ROLE,
+            "peer": None,
+            "peer_slot": None,
+            "state": self.state.value,
+            "client": _endpoint_dict(self.client),
+            "dest": _endpoint_dict(self.dest),
+            "bound": _endpoint_dict(self.bound),
+            "bytes_client_to_remote": self.bytes_client_to_remote,
+            "bytes_remote_to_client": self.bytes_remote_to_client,
+            "local_ring_offset": None,
+            "local_ring_size": None,
+            "peer_ring_addr": None,
+            "peer_ring_size": None,
+            "opened_at": self.opened_at,
+            "reset_reason": None,
+        }
+        if now is not None:
+            d["age_s"] = max(0.0, now - self.opened_at)
+        return d
+
+
 @attrs.define(slots=True, init=False)
 class Registry:
-    """All stream legs of this node, keyed by local slot."""
+    """All stream legs of this node, keyed by local slot (plus direct streams, by id)."""
 
     allocator: SlotAllocator
     _rows: dict[int, StreamRow]
+    _direct: dict[int, DirectRow]
+    _next_direct_id: int
 
     def __init__(self, allocator: SlotAllocator) -> None:
         self.allocator = allocator
         self._rows = {}
+        self._direct = {}
+        self._next_direct_id = 1
 
     # ---------------------------------------------------------------------- rows
 
@@ -245,6 +304,25 @@ class Registry:
     def streams_of(self, peer: str) -> list[StreamRow]:
         return [row for row in self._rows.values() if row.peer == peer]
 
+    # ---------------------------------------------------------------------- direct
+
+    def add_direct(
+        self, *, dest: Endpoint, now: float, client: Endpoint | None = None
+    ) -> DirectRow:
+        """Register a direct stream (state OPENING); it holds no slot, so this never fails."""
+        row = DirectRow(id=self._next_direct_id, dest=dest, opened_at=now, client=client)
+        self._next_direct_id += 1
+        self._direct[row.id] = row
+        return row
+
+    def remove_direct(self, row_id: int) -> DirectRow | None:
+        """Forget the direct stream ``row_id``; returns it (None if it was not registered)."""
+        return self._direct.pop(row_id, None)
+
+    def direct_streams(self) -> list[DirectRow]:
+        """The direct streams, ordered by id."""
+        return [self._direct[i] for i in sorted(self._direct)]
+
     # ---------------------------------------------------------------------- state
 
     def handle(self, slot: int, event: Event) -> State:
@@ -284,23 +362,27 @@ class Registry:
         return slot in self._rows
 
     def snapshot(self, now: float | None = None) -> list[dict[str, Any]]:
-        """All rows as JSON-ready dicts, ordered by slot."""
-        return [self._rows[s].to_dict(now) for s in sorted(self._rows)]
+        """All rows as JSON-ready dicts: slot rows ordered by slot, then direct rows by id."""
+        rows = [self._rows[s].to_dict(now) for s in sorted(self._rows)]
+        rows.extend(row.to_dict(now) for row in self.direct_streams())
+        return rows
 
     def totals(self) -> dict[str, Any]:
-        """Stream counts (total and per state), slot usage, byte totals."""
+        """Stream counts (total, per state, direct), slot usage, byte totals (all streams)."""
+        rows: list[StreamRow | DirectRow] = [*self._rows.values(), *self._direct.values()]
         by_state: dict[str, int] = {}
-        for row in self._rows.values():
+        for row in rows:
             by_state[row.state.value] = by_state.get(row.state.value, 0) + 1
         return {
-            "streams": len(self._rows),
+            "streams": len(rows),
+            "direct_streams": len(self._direct),
             "by_state": dict(sorted(by_state.items())),
             "slots_total": self.allocator.n_slots,
             "slots_used": self.allocator.in_use,
             "slots_free": self.allocator.free_count,
             "ring_size": self.allocator.ring_size,
-            "bytes_client_to_remote": sum(r.bytes_client_to_remote for r in self._rows.values()),
-            "bytes_remote_to_client": sum(r.bytes_remote_to_client for r in self._rows.values()),
+            "bytes_client_to_remote": sum(r.bytes_client_to_remote for r in rows),
+            "bytes_remote_to_client": sum(r.bytes_remote_to_client for r in rows),
         }
 
 
@@ -346,11 +428,13 @@ def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
     cells: list[list[str]] = [[h for h, _ in _COLUMNS]]
     for r in rows:
         peer_slot = r.get("peer_slot")
+        slot = r.get("slot")
+        peer = r.get("peer")
         cells.append(
             [
-                str(r["slot"]),
+                "-" if slot is None else str(slot),
                 str(r["role"]),
-                _clip(str(r["peer"])),
+                "-" if peer is None else _clip(str(peer)),
                 "-" if peer_slot is None else str(peer_slot),
                 str(r["state"]),
                 _clip(format_endpoint(r.get("client"))),
@@ -373,13 +457,22 @@ def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def format_totals(totals: Mapping[str, Any]) -> str:
-    """One line summarising `Registry.totals`."""
+def format_totals(totals: Mapping[str, Any], *, slots: bool = True) -> str:
+    """One line summarising `Registry.totals`; ``slots=False`` leaves out the pool slot usage
+    (for a proxy without a pool, whose streams are all direct)."""
     by_state = ", ".join(f"{k} {v}" for k, v in totals.get("by_state", {}).items())
     streams = f"{totals['streams']} streams" + (f" ({by_state})" if by_state else "")
+    direct = int(totals.get("direct_streams", 0))
+    if direct and direct != int(totals["streams"]):
+        streams += f", {direct} direct"
+    pool = ""
+    if slots:
+        pool = (
+            f"pool slots {totals['slots_used']} used / {totals['slots_free']} free "
+            f"of {totals['slots_total']} ({format_size(int(totals['ring_size']))} rings); "
+        )
     return (
-        f"{streams}; pool slots {totals['slots_used']} used / {totals['slots_free']} free "
-        f"of {totals['slots_total']} ({format_size(int(totals['ring_size']))} rings); "
+        f"{streams}; {pool}"
         f"client->remote {format_size(int(totals['bytes_client_to_remote']))}, "
         f"remote->client {format_size(int(totals['bytes_remote_to_client']))}"
     )
