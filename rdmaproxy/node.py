@@ -1,0 +1,761 @@
+"""The RDMA side of a proxy: the pinned pool, peer connections and ring-backed streams.
+
+One `RdmaNode` per process owns the device, the pinned pool (registered once), the rdma_cm
+event loop, and one `PeerLink` per connected peer. A `PeerLink` owns one RC QP and a task that
+dispatches its completions: control messages (SEND/RECV) and cursor updates (RDMA WRITE WITH
+IMMEDIATE into our control blocks). Each stream is a `RingStream`, a trio HalfCloseableStream
+whose bytes go out by RDMA WRITE into the peer's ring and come in from our own ring, so the
+SOCKS relay (ingress) and the egress relay treat it like any TCP stream.
+
+The protocol and the rules for cursors, FIN/CLOSED/RST and slot release are in docs/design.md;
+the per-stream rules live in stream_state.py and are only driven from here.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import logging
+import struct
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from rdmaproxy import wire
+from rdmaproxy.errors import ProtocolViolation
+from rdmaproxy.pool import CTRL_BLOCK_SIZE, PinnedPool
+from rdmaproxy.registry import Registry, StreamRow
+from rdmaproxy.ring import ReceiverRing, SenderRing
+from rdmaproxy.socks.codec import BoundAddress, Destination, Socks5Reply
+from rdmaproxy.socks.server import (
+    ClientAddress,
+    ConnectFailed,
+    DirectTCPConnector,
+    OpenedLeg,
+    _Relay,
+    abort_stream,
+)
+from rdmaproxy.stream_state import (
+    LocalReset,
+    PeerClosed,
+    PeerFin,
+    PeerOpened,
+    PeerRefused,
+    PeerReset,
+    Role,
+    SendClosed,
+    SendFin,
+    SendOpened,
+    SendRefused,
+    SendReset,
+)
+from rdmaproxy.verbs._pyverbs import pv
+from rdmaproxy.verbs.cm import ConnectionManager, ConnectionRequest, RCConnection
+from rdmaproxy.verbs.cq import AsyncCompletionQueue, CompletionError
+from rdmaproxy.verbs.device import VerbsDevice
+from rdmaproxy.verbs.qp import (
+    ReceiveSlots,
+    SendQueue,
+    SendSlots,
+    allocate_registered,
+    create_rc_qp,
+    register_memory,
+)
+
+if TYPE_CHECKING:
+    from rdmaproxy.config import ServeConfig
+
+log = logging.getLogger("rdmaproxy.node")
+
+CHUNK = 32 * 1024  # bytes per RDMA WRITE: rxe copies inside post_send with the GIL held
+STAGING_CHUNKS = 64
+RECV_DEPTH = 512
+SEND_DEPTH = 1024
+CTRL_SEND_SLOTS = 64
+HEAD_FIELD, TAIL_FIELD = 0, 8
+
+# wr_id layout for sends: kind (8 bits) | WRs retired by this completion (8 bits) | index
+WR_DATA, WR_CTRL, WR_CURSOR = 1, 2, 3
+RECV_WR_BASE = 1 << 62
+_U64 = struct.Struct("<Q")
+
+
+def _fmt(address: tuple[str, int]) -> str:
+    return f"[{address[0]}]:{address[1]}" if ":" in address[0] else f"{address[0]}:{address[1]}"
+
+
+def _wr_id(kind: int, retired: int, index: int) -> int:
+    return (kind << 56) | (retired << 48) | index
+
+
+def _split_wr_id(wr_id: int) -> tuple[int, int, int]:
+    return wr_id >> 56, (wr_id >> 48) & 0xFF, wr_id & ((1 << 48) - 1)
+
+
+class PeerGone(Exception):
+    pass
+
+
+class RingStream(trio.abc.HalfCloseableStream):
+    """One stream's leg on this node, as a trio stream over the two rings."""
+
+    def __init__(self, link: PeerLink, row: StreamRow) -> None:
+        self.link = link
+        self.row = row
+        self.slot = row.slot
+        node = link.node
+        self.ring_offset = node.registry.allocator.ring_offset(self.slot)
+        self.ctrl_offset = node.registry.allocator.ctrl_offset(self.slot)
+        self.recv_ring = ReceiverRing(node.config.ring_size)
+        self.send_ring = SenderRing(link.remote.ring_size)
+        self._recv_lot = trio.lowlevel.ParkingLot()
+        self._send_lot = trio.lowlevel.ParkingLot()
+        self.opened = trio.Event()
+        self.refused_code: int | None = None
+        self.broken: str | None = None  # reason once reset or lost
+        self._send_lock = trio.StrictFIFOLock()
+        node.pool.buffer[self.ctrl_offset : self.ctrl_offset + CTRL_BLOCK_SIZE] = bytes(
+            CTRL_BLOCK_SIZE
+        )
+
+    # -- events from the link's dispatcher ----------------------------------------------------
+    def peer_head(self, want_tail: bool) -> None:
+        head = _U64.unpack_from(self.link.node.pool.buffer, self.ctrl_offset + HEAD_FIELD)[0]
+        self.recv_ring.set_head(head, want_tail=want_tail)
+        if want_tail:
+            self._maybe_send_tail()
+        self._recv_lot.unpark_all()
+
+    def peer_tail(self) -> None:
+        tail = _U64.unpack_from(self.link.node.pool.buffer, self.ctrl_offset + TAIL_FIELD)[0]
+        self.send_ring.update_peer_tail(tail)
+        self._send_lot.unpark_all()
+
+    def peer_fin(self, final_head: int) -> None:
+        self.recv_ring.set_fin(final_head)
+        self.row.machine.handle(PeerFin())
+        self._recv_lot.unpark_all()
+
+    def break_(self, reason: str) -> None:
+        if self.broken is None:
+            self.broken = reason
+        self._recv_lot.unpark_all()
+        self._send_lot.unpark_all()
+
+    # -- sending ------------------------------------------------------------------------------
+    def _check_sendable(self) -> None:
+        if self.broken is not None:
+            raise trio.BrokenResourceError(f"stream reset: {self.broken}")
+        if not self.row.machine.can_send_data:
+            raise trio.ClosedResourceError("stream's sending side is closed")
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data).cast("B")
+        async with self._send_lock:
+            while view:
+                self._check_sendable()
+                free = self.send_ring.free
+                if free == 0:
+                    self.link.post_head(self, want_tail=True)
+                    await self._send_lot.park()
+                    continue
+                chunk = await self.link.take_staging()
+                try:
+                    self._check_sendable()
+                    n = min(len(view), self.send_ring.free, CHUNK)
+                    self.link.write_payload(self, chunk, view[:n])
+                except BaseException:
+                    self.link.give_back_staging(chunk)
+                    raise
+                view = view[n:]
+                self.row.record_sent(n)
+        await trio.lowlevel.checkpoint()
+
+    async def wait_send_all_might_not_block(self) -> None:
+        while self.send_ring.free == 0 and self.broken is None:
+            await self._send_lot.park()
+
+    async def send_eof(self) -> None:
+        async with self._send_lock:
+            if self.row.machine.fin_sent:
+                return
+            self._check_sendable()
+            self.link.post_ctrl(wire.Fin(slot=self._peer_slot(), final_head=self.send_ring.head))
+            self.row.machine.handle(SendFin())
+        await trio.lowlevel.checkpoint()
+
+    # -- receiving ----------------------------------------------------------------------------
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        while True:
+            if self.broken is not None:
+                raise trio.BrokenResourceError(f"stream reset: {self.broken}")
+            ring = self.recv_ring
+            if ring.readable:
+                limit = ring.readable if max_bytes is None else min(max_bytes, ring.readable)
+                pieces = []
+                for span in ring.readable_spans(limit):
+                    start = self.ring_offset + span.offset
+                    pieces.append(self.link.node.pool.buffer[start : start + span.length])
+                data = b"".join(pieces)
+                ring.consume(len(data))
+                self.row.record_delivered(len(data))
+                self._after_drain()
+                await trio.lowlevel.checkpoint()
+                return data
+            if ring.fin_received:
+                self._after_drain()
+                await trio.lowlevel.checkpoint()
+                return b""
+            await self._recv_lot.park()
+
+    def _after_drain(self) -> None:
+        if self.recv_ring.fully_drained and self.row.machine.shutdown_write_pending:
+            self._send_tail()
+            self.link.post_ctrl(wire.Closed(slot=self._peer_slot()))
+            self.row.machine.handle(SendClosed())
+            self.link.node.release(self)
+        else:
+            self._maybe_send_tail()
+
+    def _maybe_send_tail(self) -> None:
+        if self.recv_ring.tail_update_due() and self.row.peer_slot is not None:
+            self._send_tail()
+
+    def _send_tail(self) -> None:
+        tail = self.recv_ring.mark_tail_sent()
+        self.link.post_cursor(self, wire.ImmKind.TAIL, TAIL_FIELD, tail)
+
+    # -- closing ------------------------------------------------------------------------------
+    def _peer_slot(self) -> int:
+        if self.row.peer_slot is None:
+            raise trio.BrokenResourceError("stream is not open")
+        return self.row.peer_slot
+
+    async def aclose(self) -> None:
+        machine = self.row.machine
+        if self.broken is None and not (machine.fin_sent and machine.closed_sent):
+            self.reset("closed before both directions ended")
+        self.link.node.release(self)
+        await trio.lowlevel.checkpoint()
+
+    async def abort(self) -> None:
+        self.reset("aborted by the other side of the relay")
+        await trio.lowlevel.checkpoint()
+
+    def reset(self, reason: str) -> None:
+        if self.broken is not None:
+            return
+        machine = self.row.machine
+        machine.handle(LocalReset(reason))
+        if machine.must_send_rst:
+            self.link.post_ctrl(wire.Rst(slot=self._peer_slot()))
+            machine.handle(SendReset())
+        self.break_(reason)
+        self.link.node.release(self)
+
+
+class PeerLink:
+    """One RC connection to a peer proxy, multiplexing many streams."""
+
+    def __init__(self, node: RdmaNode, name: str) -> None:
+        self.node = node
+        self.name = name
+        device = node.device
+        self.cq = AsyncCompletionQueue(device, SEND_DEPTH + RECV_DEPTH)
+        self.qp = create_rc_qp(device, self.cq, max_send_wr=SEND_DEPTH, max_recv_wr=RECV_DEPTH)
+        self.sq = SendQueue(self.qp)
+        self.recvs = ReceiveSlots(device, RECV_DEPTH, wire.CTRL_MSG_MAX, RECV_WR_BASE)
+        self.ctrl_out = SendSlots(device, CTRL_SEND_SLOTS, wire.CTRL_MSG_MAX)
+        self.staging = allocate_registered(device, CHUNK * STAGING_CHUNKS)
+        self.scratch = allocate_registered(device, 64)
+        self.staging_free = list(range(STAGING_CHUNKS))
+        self._staging_lot = trio.lowlevel.ParkingLot()
+        self.sq_used = 0
+        self.conn: RCConnection | None = None
+        self.remote: wire.Hello = wire.Hello(
+            version=wire.PROTOCOL_VERSION, rkey=0, pool_addr=0, n_slots=0, ring_size=4096,
+            proof=bytes(32),
+        )
+        self.streams: dict[int, RingStream] = {}
+        self.ready = trio.Event()
+        self.dead: str | None = None
+        self.hello_done = trio.Event()
+        # (nonce of the connector, nonce of the acceptor, the role whose proof we expect)
+        self.nonces: tuple[bytes, bytes, wire.ProofRole] = (b"", b"", wire.ProofRole.ACCEPTOR)
+
+    # -- posting ------------------------------------------------------------------------------
+    def _reserve_sq(self, n: int) -> None:
+        if self.dead is not None:
+            raise trio.BrokenResourceError(f"peer {self.name} lost: {self.dead}")
+        if self.sq_used + n > SEND_DEPTH:
+            # Never expected: every chunk and message is signaled and the staging/ctrl slots
+            # bound what can be outstanding far below the queue depth.
+            raise trio.BrokenResourceError(f"send queue to {self.name} overflowed")
+        self.sq_used += n
+
+    async def take_staging(self) -> int:
+        while not self.staging_free:
+            if self.dead is not None:
+                raise trio.BrokenResourceError(f"peer {self.name} lost: {self.dead}")
+            await self._staging_lot.park()
+        return self.staging_free.pop()
+
+    def give_back_staging(self, chunk: int) -> None:
+        self.staging_free.append(chunk)
+        self._staging_lot.unpark()
+
+    def write_payload(self, stream: RingStream, chunk: int, data: memoryview) -> None:
+        """Copy into staging chunk ``chunk``, RDMA WRITE it at the peer's head, publish it."""
+        n = len(data)
+        base = chunk * CHUNK
+        self.staging.write(bytes(data), n, base)  # pyverbs MR.write copies from bytes
+        peer_ring = stream.row.peer_ring_addr
+        assert peer_ring is not None
+        spans = stream.send_ring.writable_spans(n)
+        self._reserve_sq(len(spans) + 1)
+        local = self.staging.buf + base
+        for span in spans:
+            self.sq.write(0, local, span.length, self.staging.lkey, peer_ring + span.offset,
+                          self.remote.rkey)
+            local += span.length
+        stream.send_ring.advance_head(n)
+        head = stream.send_ring.head
+        self._write_cursor(stream, wire.ImmKind.HEAD, HEAD_FIELD, head,
+                           _wr_id(WR_DATA, len(spans) + 1, chunk))
+
+    def post_head(self, stream: RingStream, *, want_tail: bool) -> None:
+        kind = wire.ImmKind.HEAD_WANT_TAIL if want_tail else wire.ImmKind.HEAD
+        self.post_cursor(stream, kind, HEAD_FIELD, stream.send_ring.head)
+
+    def post_cursor(self, stream: RingStream, kind: wire.ImmKind, field: int, value: int) -> None:
+        if stream.row.peer_slot is None:
+            return
+        self._reserve_sq(1)
+        self._write_cursor(stream, kind, field, value, _wr_id(WR_CURSOR, 1, 0))
+
+    def _write_cursor(
+        self, stream: RingStream, kind: wire.ImmKind, field: int, value: int, wr_id: int
+    ) -> None:
+        peer_slot = stream.row.peer_slot
+        assert peer_slot is not None
+        self.scratch.write(_U64.pack(value), 8, 0)
+        remote = self.remote.pool_addr + CTRL_BLOCK_SIZE * peer_slot + field
+        self.sq.write_imm(wr_id, self.scratch.buf, 8, self.scratch.lkey, remote, self.remote.rkey,
+                          wire.encode_imm(kind, peer_slot), signaled=True, inline=True)
+
+    def post_ctrl(self, message: wire.Message) -> None:
+        if not self.ctrl_out.free:
+            raise trio.BrokenResourceError(f"control messages to {self.name} backed up")
+        self._reserve_sq(1)
+        slot = self.ctrl_out.free.pop()
+        data = message.encode()
+        self.ctrl_out.fill(slot, data)
+        self.sq.send(_wr_id(WR_CTRL, 1, slot), self.ctrl_out.address(slot), len(data),
+                     self.ctrl_out.mr.lkey, signaled=True)
+
+    # -- completions --------------------------------------------------------------------------
+    async def dispatch(self) -> None:
+        enums = pv().enums
+        while True:
+            for wc in await self.cq.wait(64):
+                if wc.status != enums.IBV_WC_SUCCESS:
+                    raise PeerGone(str(CompletionError(wc)))
+                if self.recvs.owns(wc.wr_id):
+                    self._on_receive(wc)
+                    self.recvs.post(self.qp, wc.wr_id)
+                else:
+                    self._on_send_done(wc.wr_id)
+
+    def _on_send_done(self, wr_id: int) -> None:
+        kind, retired, index = _split_wr_id(wr_id)
+        self.sq_used -= retired
+        if kind == WR_DATA:
+            self.give_back_staging(index)
+        elif kind == WR_CTRL:
+            self.ctrl_out.free.append(index)
+
+    def _on_receive(self, wc: Any) -> None:
+        if wc.opcode == pv().enums.IBV_WC_RECV_RDMA_WITH_IMM:
+            kind, slot = wire.decode_imm(wc.imm_data)
+            stream = self.streams.get(slot)
+            if stream is None:
+                log.debug("peer %s: cursor update for unknown slot %d", self.name, slot)
+                return
+            if kind == wire.ImmKind.TAIL:
+                stream.peer_tail()
+            else:
+                stream.peer_head(kind == wire.ImmKind.HEAD_WANT_TAIL)
+            return
+        message = wire.decode_message(self.recvs.read(wc.wr_id, wc.byte_len))
+        self.node.on_message(self, message)
+
+    def fail(self, reason: str) -> None:
+        if self.dead is None:
+            self.dead = reason
+        for stream in list(self.streams.values()):
+            stream.break_(f"peer {self.name} lost: {reason}")
+        self._staging_lot.unpark_all()
+
+    def close(self) -> None:
+        for resource in (self.sq, self.qp, self.cq, self.recvs, self.ctrl_out, self.staging,
+                         self.scratch):
+            try:
+                resource.close()
+            except Exception as exc:  # closing must go on
+                log.debug("closing %s for %s: %s", type(resource).__name__, self.name, exc)
+        if self.conn is not None:
+            self.conn.close()
+
+
+class RdmaConnector:
+    """The SOCKS connector that opens streams over RDMA to a connected peer."""
+
+    def __init__(self, node: RdmaNode) -> None:
+        self.node = node
+
+    async def connect(self, dest: Destination, client: ClientAddress) -> OpenedLeg:
+        return await self.node.open_stream(dest, client)
+
+
+class RdmaNode:
+    def __init__(self, config: ServeConfig, registry: Registry) -> None:
+        self.config = config
+        self.registry = registry
+        self.links: dict[str, PeerLink] = {}
+        self._round_robin: Iterator[int] = itertools.count()
+        self._accepted: Iterator[int] = itertools.count(1)
+        self.device: Any = None
+        self.pool: Any = None
+        self.mr: Any = None
+        self.cm: ConnectionManager | None = None
+        self.peer_state: dict[str, str] = {}
+        self._nursery: trio.Nursery | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        config = self.config
+        if config.listen is None:
+            raise ValueError("an RDMA node needs --listen (its address picks the device)")
+        ip, port = config.listen
+        self.device = VerbsDevice.for_ip(ip)
+        self.pool = PinnedPool(config.pool_size)
+        self.mr = register_memory(self.device, self.pool.address, self.pool.size)
+        self.cm = ConnectionManager()
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                await nursery.start(self.cm.run)
+                listener = self.cm.listen(ip, port)
+                nursery.start_soon(self._accept_loop, listener)
+                for peer in config.peers:
+                    nursery.start_soon(self._connect_loop, peer)
+                log.info("RDMA node on %s (device %s, pool %d MiB, %d rings of %d KiB)",
+                         f"{ip}:{port}", self.device.name, self.pool.size >> 20,
+                         self.registry.allocator.n_slots, config.ring_size >> 10)
+                task_status.started()
+        finally:  # synchronous teardown, in the order verbs objects must be closed
+            for link in list(self.links.values()):
+                self._drop_link(link, "shutting down")
+            self.cm.close()
+            self.mr.close()
+            self.pool.close()
+            self.device.close()
+
+    def connector(self) -> RdmaConnector:
+        return RdmaConnector(self)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "device": None if self.device is None else self.device.name,
+            "listen": None if self.config.listen is None else _fmt(self.config.listen),
+            "peers": [
+                {"peer": name, "state": state,
+                 "streams": len(self.links[name].streams) if name in self.links else 0}
+                for name, state in sorted(self.peer_state.items())
+            ],
+        }
+
+    # -- connections --------------------------------------------------------------------------
+    def _hello(self, link: PeerLink, nonce_c: bytes, nonce_a: bytes, role: wire.ProofRole) -> None:
+        link.post_ctrl(wire.Hello(
+            version=wire.PROTOCOL_VERSION, rkey=self.mr.rkey, pool_addr=self.pool.address,
+            n_slots=self.registry.allocator.n_slots, ring_size=self.config.ring_size,
+            proof=wire.compute_proof(self.config.secret or b"", role, nonce_c, nonce_a),
+        ))
+
+    async def _connect_loop(self, peer: tuple[str, int]) -> None:
+        assert self.cm is not None and self.config.listen is not None
+        name = _fmt(peer)
+        delay = 0.5
+        while True:
+            self.peer_state[name] = "connecting"
+            link = PeerLink(self, name)
+            nonce = wire.make_nonce()
+            try:
+                link.conn = await self.cm.connect(
+                    self.device, link.qp, peer, src_ip=self.config.listen[0],
+                    private_data=wire.PrivateData(nonce=nonce).encode(),
+                    on_qp_init=functools.partial(link.recvs.post_all, link.qp),
+                    timeout=self.config.connect_timeout,
+                )
+                nonce_a = wire.decode_private_data(link.conn.remote_private_data).nonce
+                delay = 0.5
+                await self._serve_link(link, nonce, nonce_a, wire.ProofRole.CONNECTOR)
+                log.warning("peer %s: connection lost (%s); reconnecting", name, link.dead)
+            except (OSError, wire.WireError, PeerGone) as exc:
+                log.warning("peer %s: %s; retrying in %.1fs", name, exc, delay)
+                link.close()
+            self.peer_state[name] = f"down, retry in {delay:.1f}s"
+            await trio.sleep(delay)
+            delay = min(delay * 2, 30.0)
+
+    async def _accept_loop(self, listener: Any) -> None:
+        assert self._nursery is not None
+        while True:
+            request = await listener.next_request()
+            self._nursery.start_soon(self._accept_one, request)
+
+    async def _accept_one(self, request: ConnectionRequest) -> None:
+        try:
+            nonce_c = wire.decode_private_data(request.private_data).nonce
+        except wire.WireError as exc:
+            log.warning("refusing an RDMA connection: %s", exc)
+            request.reject()
+            return
+        link = PeerLink(self, f"in#{next(self._accepted)}")
+        nonce_a = wire.make_nonce()
+        try:
+            link.conn = await request.accept(
+                self.device, link.qp, private_data=wire.PrivateData(nonce=nonce_a).encode(),
+                on_qp_init=lambda: link.recvs.post_all(link.qp),
+                timeout=self.config.connect_timeout,
+            )
+        except OSError as exc:
+            log.warning("accepting an RDMA connection failed: %s", exc)
+            link.close()
+            return
+        await self._serve_link(link, nonce_c, nonce_a, wire.ProofRole.ACCEPTOR)
+
+    async def _serve_link(
+        self, link: PeerLink, nonce_c: bytes, nonce_a: bytes, role: wire.ProofRole
+    ) -> None:
+        """Run an established link until it dies; then reset its streams and release it."""
+        assert link.conn is not None
+        other = (wire.ProofRole.ACCEPTOR if role == wire.ProofRole.CONNECTOR
+                 else wire.ProofRole.CONNECTOR)
+        link.nonces = (nonce_c, nonce_a, other)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._watch_disconnect, link, nursery.cancel_scope)
+                nursery.start_soon(self._dispatch, link, nursery.cancel_scope)
+                self._hello(link, nonce_c, nonce_a, role)
+                with trio.fail_after(self.config.connect_timeout):
+                    await link.hello_done.wait()
+                if link.dead is not None:
+                    nursery.cancel_scope.cancel()
+                    return
+                log.info("peer %s: up (%s)", link.name, role.value)
+        except trio.TooSlowError:
+            link.fail("no HELLO from the peer")
+        finally:
+            self._drop_link(link, link.dead or "closed")
+
+    async def _watch_disconnect(self, link: PeerLink, scope: trio.CancelScope) -> None:
+        assert link.conn is not None
+        info = await link.conn.wait_disconnected()
+        link.fail(f"rdma_cm {getattr(info.type, 'name', info.type)}")
+        scope.cancel()
+
+    async def _dispatch(self, link: PeerLink, scope: trio.CancelScope) -> None:
+        try:
+            await link.dispatch()
+        except (PeerGone, ProtocolViolation, trio.BrokenResourceError) as exc:
+            log.warning("peer %s: %s; dropping the connection", link.name, exc)
+            link.fail(str(exc))
+            scope.cancel()
+
+    def _drop_link(self, link: PeerLink, reason: str) -> None:
+        link.fail(reason)
+        if self.links.get(link.name) is link:
+            del self.links[link.name]
+            self.peer_state[link.name] = f"down: {reason}"
+        for row in self.registry.peer_lost(link.name):
+            log.info("stream %d to %s reset: peer lost", row.slot, row.dest)
+        link.streams.clear()
+        if link.conn is not None:
+            link.conn.disconnect()
+        link.close()
+
+    # -- messages -----------------------------------------------------------------------------
+    def on_message(self, link: PeerLink, message: wire.Message) -> None:
+        if isinstance(message, wire.Hello):
+            nonce_c, nonce_a, role = link.nonces
+            if link.ready.is_set():
+                raise wire.WireError("a second HELLO")
+            if not wire.verify_proof(self.config.secret or b"", role, nonce_c, nonce_a,
+                                     message.proof):
+                log.warning("peer %s: wrong secret; disconnecting", link.name)
+                link.fail("peer failed authentication")
+            else:
+                # Ready at once, in the dispatcher: an OPEN may follow in the same batch.
+                link.remote = message
+                link.ready.set()
+                self.links[link.name] = link
+                self.peer_state[link.name] = "up"
+            link.hello_done.set()
+            return
+        if not link.ready.is_set():
+            raise wire.WireError(f"{type(message).__name__} before authentication")
+        if isinstance(message, wire.Open):
+            self._on_open(link, message)
+            return
+        if isinstance(message, wire.Opened | wire.Refused):
+            stream = link.streams.get(message.opener_slot)
+        else:
+            stream = link.streams.get(message.slot)  # type: ignore[attr-defined]
+        if stream is None:
+            log.debug("peer %s: %s for an unknown stream", link.name, message)
+            return
+        machine = stream.row.machine
+        if isinstance(message, wire.Opened):
+            self.registry.attach_peer(stream.slot, peer_slot=message.acceptor_slot,
+                                      peer_ring_addr=message.ring_addr,
+                                      peer_ring_size=link.remote.ring_size,
+                                      bound=(message.bound.host, message.bound.port))
+            machine.handle(PeerOpened())
+            if machine.must_send_rst:  # abandoned while opening: now the RST can be sent
+                link.post_ctrl(wire.Rst(slot=message.acceptor_slot))
+                machine.handle(SendReset())
+            stream.opened.set()
+        elif isinstance(message, wire.Refused):
+            machine.handle(PeerRefused(message.code))
+            stream.refused_code = message.code
+            stream.opened.set()
+            self.release(stream)
+        elif isinstance(message, wire.Fin):
+            stream.peer_fin(message.final_head)
+        elif isinstance(message, wire.Closed):
+            machine.handle(PeerClosed())
+            self.release(stream)
+        elif isinstance(message, wire.Rst):
+            machine.handle(PeerReset())
+            if machine.must_send_rst:
+                link.post_ctrl(wire.Rst(slot=stream._peer_slot()))
+                machine.handle(SendReset())
+            stream.break_("reset by the peer")
+            self.release(stream)
+
+    def release(self, stream: RingStream) -> None:
+        if self.registry.release_if_done(stream.slot):
+            stream.link.streams.pop(stream.slot, None)
+
+    # -- opening streams ----------------------------------------------------------------------
+    def _pick_link(self) -> PeerLink:
+        links = [link for link in self.links.values() if link.ready.is_set() and not link.dead]
+        if not links:
+            raise ConnectFailed(Socks5Reply.NETWORK_UNREACHABLE, "no RDMA peer is connected")
+        return links[next(self._round_robin) % len(links)]
+
+    async def open_stream(self, dest: Destination, client: ClientAddress) -> OpenedLeg:
+        link = self._pick_link()
+        row = self.registry.add(role=Role.INGRESS, peer=link.name, dest=(dest.host, dest.port),
+                                now=time.time(), client=client)
+        if row is None:
+            log.warning("pool exhausted (%d rings in use): refusing %s",
+                        self.registry.allocator.in_use, dest)
+            raise ConnectFailed(Socks5Reply.GENERAL_FAILURE, "RDMA ring pool exhausted")
+        stream = RingStream(link, row)
+        link.streams[row.slot] = stream
+        ring_addr = self.pool.address + stream.ring_offset
+        try:
+            link.post_ctrl(wire.Open(opener_slot=row.slot, ring_addr=ring_addr,
+                                     dest=wire.Address(dest.host, dest.port)))
+        except trio.BrokenResourceError as exc:
+            stream.reset(str(exc))
+            raise ConnectFailed(Socks5Reply.GENERAL_FAILURE, str(exc)) from None
+        with trio.move_on_after(self.config.connect_timeout + 5):
+            await stream.opened.wait()
+        if stream.broken is not None and not stream.opened.is_set():
+            raise ConnectFailed(Socks5Reply.GENERAL_FAILURE, stream.broken)
+        if not stream.opened.is_set():
+            row.machine.handle(LocalReset("no answer to OPEN"))
+            stream.break_("no answer to OPEN")
+            raise ConnectFailed(Socks5Reply.TTL_EXPIRED, "the egress proxy did not answer")
+        if stream.refused_code is not None:
+            raise ConnectFailed(Socks5Reply(stream.refused_code),
+                                f"egress proxy {link.name} refused {dest}")
+        bound = BoundAddress("0.0.0.0", 0) if row.bound is None else BoundAddress(*row.bound)
+        return OpenedLeg(stream=stream, bound=bound, abort=stream.abort)
+
+    def _on_open(self, link: PeerLink, message: wire.Open) -> None:
+        assert self._nursery is not None
+        row = self.registry.add(role=Role.EGRESS, peer=link.name,
+                                dest=(message.dest.host, message.dest.port), now=time.time(),
+                                peer_slot=message.opener_slot, peer_ring_addr=message.ring_addr,
+                                peer_ring_size=link.remote.ring_size)
+        if row is None:
+            log.warning("pool exhausted: refusing stream to %s from %s", message.dest, link.name)
+            link.post_ctrl(wire.Refused(opener_slot=message.opener_slot,
+                                        code=int(Socks5Reply.GENERAL_FAILURE)))
+            return
+        stream = RingStream(link, row)
+        link.streams[row.slot] = stream
+        self._nursery.start_soon(self._egress, stream, message)
+
+    async def _egress(self, stream: RingStream, message: wire.Open) -> None:
+        link, row = stream.link, stream.row
+        dest = message.dest
+        connector = DirectTCPConnector(connect_timeout=self.config.connect_timeout)
+        if dest.atyp == wire.Atyp.IPV4:
+            target = Destination(dest.host, dest.port, "ipv4")
+        elif dest.atyp == wire.Atyp.IPV6:
+            target = Destination(dest.host, dest.port, "ipv6")
+        else:
+            target = Destination(dest.host, dest.port, "domain")
+        try:
+            leg = await connector.connect(target, ("", 0))
+        except ConnectFailed as exc:
+            log.info("egress to %s failed: %s", dest, exc)
+            if not link.dead:
+                link.post_ctrl(wire.Refused(opener_slot=message.opener_slot, code=int(exc.code)))
+            row.machine.handle(SendRefused())
+            self.release(stream)
+            return
+        tcp = leg.stream
+        row.bound = (leg.bound.host, leg.bound.port)
+        try:
+            link.post_ctrl(wire.Opened(opener_slot=message.opener_slot, acceptor_slot=row.slot,
+                                       ring_addr=self.pool.address + stream.ring_offset,
+                                       bound=wire.Address(leg.bound.host, leg.bound.port)))
+            row.machine.handle(SendOpened())
+        except trio.BrokenResourceError:
+            await abort_stream(tcp)
+            return
+        await relay(tcp, stream, f"egress {dest}")
+
+
+async def relay(tcp: trio.abc.HalfCloseableStream, ring: RingStream, what: str) -> None:
+    """Pump TCP ↔ ring until both directions end; any failure aborts both."""
+    from rdmaproxy.socks.server import Direction
+
+    pump = _Relay(None, None, CHUNK * 2)
+    graceful = False
+    try:
+        async with trio.open_nursery() as nursery:
+            pump.cancel_scope = nursery.cancel_scope
+            nursery.start_soon(pump.pump, ring, tcp, Direction.DOWNSTREAM, b"", False)
+            nursery.start_soon(pump.pump, tcp, ring, Direction.UPSTREAM, b"", False)
+        graceful = not pump.failures
+        if pump.failures:
+            log.info("%s: %s", what, pump.failures[0].exc)
+    finally:
+        with trio.CancelScope(shield=True):
+            if graceful:
+                await tcp.aclose()
+                await ring.aclose()
+            else:
+                if ring.broken is None:
+                    await ring.abort()
+                await abort_stream(tcp)

@@ -1,0 +1,214 @@
+"""Two RDMA nodes (ingress on rxe0, egress on rxe1) in one trio process, carrying real SOCKS
+clients (python-socks) to real TCP targets: integrity, half-close both ways, resets, refusal
+codes, peer authentication, and a registry/pool that is empty once streams end."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import trio
+from python_socks import ProxyError, ProxyType
+from python_socks.async_.trio.v2 import Proxy
+from rxe_topology import RxePair
+
+from rdmaproxy.node import RdmaNode
+from rdmaproxy.pool import SlotAllocator
+from rdmaproxy.registry import Registry
+from rdmaproxy.socks.server import serve_socks
+
+MiB = 1 << 20
+SECRET = b"test secret"
+
+
+def make_config(listen: tuple[str, int], peers: list[tuple[str, int]], secret: bytes) -> Any:
+    return SimpleNamespace(
+        listen=listen, peers=peers, pool_size=16 * MiB, ring_size=256 * 1024, secret=secret,
+        connect_timeout=10.0,
+    )
+
+
+def make_node(config: Any) -> RdmaNode:
+    return RdmaNode(config, Registry(SlotAllocator(config.pool_size, config.ring_size)))
+
+
+async def wait_for_peer(node: RdmaNode, timeout: float = 30) -> None:
+    with trio.fail_after(timeout):
+        while not any(link.ready.is_set() for link in node.links.values()):
+            await trio.sleep(0.05)
+
+
+@asynccontextmanager
+async def proxied(rxe: RxePair, port: int) -> AsyncIterator[tuple[RdmaNode, RdmaNode, int]]:
+    """(ingress node, egress node, SOCKS port of the ingress)."""
+    egress = make_node(make_config((rxe.b.ip, port), [], SECRET))
+    ingress = make_node(make_config((rxe.a.ip, port + 1), [(rxe.b.ip, port)], SECRET))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(egress.run)
+        await nursery.start(ingress.run)
+        await wait_for_peer(ingress)
+        listeners = await nursery.start(
+            lambda task_status: serve_socks(ingress.connector(), host="127.0.0.1", port=0,
+                                            task_status=task_status)
+        )
+        socks_port = listeners[0].socket.getsockname()[1]
+        yield ingress, egress, socks_port
+        nursery.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def tcp_target(handler: Any) -> AsyncIterator[int]:
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(trio.serve_tcp, handler, 0)
+        yield listeners[0].socket.getsockname()[1]
+        nursery.cancel_scope.cancel()
+
+
+async def echo(stream: trio.SocketStream) -> None:
+    async with stream:
+        while data := await stream.receive_some(65536):
+            await stream.send_all(data)
+        await stream.send_eof()
+
+
+async def socks_connect(socks_port: int, host: str, port: int, **kw: Any) -> trio.SocketStream:
+    proxy = Proxy(ProxyType.SOCKS5, "127.0.0.1", socks_port, rdns=True, **kw)
+    wrapped = await proxy.connect(host, port, timeout=30)
+    stream = wrapped.trio_stream
+    assert isinstance(stream, trio.SocketStream)
+    return stream
+
+
+async def receive_all(stream: trio.abc.ReceiveStream) -> bytes:
+    out = bytearray()
+    while data := await stream.receive_some(65536):
+        out += data
+    return bytes(out)
+
+
+async def wait_idle(*nodes: RdmaNode) -> None:
+    with trio.fail_after(20):
+        while any(len(n.registry) or n.registry.allocator.in_use for n in nodes):
+            await trio.sleep(0.05)
+
+
+async def test_echo_with_half_close_and_clean_release(rxe_pair: RxePair, rdma_port: int) -> None:
+    payload = os.urandom(3 * MiB + 12345)  # several ring wraps (256 KiB rings)
+    async with proxied(rxe_pair, rdma_port) as (ingress, egress, socks_port):
+        async with tcp_target(echo) as target_port:
+            stream = await socks_connect(socks_port, "127.0.0.1", target_port)
+            received = bytearray()
+
+            async def reader() -> None:
+                received.extend(await receive_all(stream))
+
+            with trio.fail_after(240):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(reader)
+                    await stream.send_all(payload)
+                    await stream.send_eof()  # half-close: the echo must still come back
+            assert hashlib.sha256(received).digest() == hashlib.sha256(payload).digest()
+            await stream.aclose()
+            await wait_idle(ingress, egress)
+            assert ingress.registry.allocator.free_count == ingress.registry.allocator.n_slots
+
+
+async def test_target_closes_first_while_client_keeps_sending(
+    rxe_pair: RxePair, rdma_port: int
+) -> None:
+    greeting = os.urandom(200_000)
+    upload = os.urandom(500_000)
+    got_upload = trio.Event()
+    uploaded = bytearray()
+
+    async def handler(stream: trio.SocketStream) -> None:
+        async with stream:
+            await stream.send_all(greeting)
+            await stream.send_eof()  # target half-closes first
+            uploaded.extend(await receive_all(stream))
+            got_upload.set()
+
+    async with proxied(rxe_pair, rdma_port) as (ingress, egress, socks_port):
+        async with tcp_target(handler) as target_port:
+            stream = await socks_connect(socks_port, "localhost", target_port)
+            with trio.fail_after(120):
+                assert await receive_all(stream) == greeting  # EOF after every byte
+                await stream.send_all(upload)
+                await stream.send_eof()
+                await got_upload.wait()
+            assert bytes(uploaded) == upload
+            await stream.aclose()
+            await wait_idle(ingress, egress)
+
+
+async def test_many_concurrent_streams(rxe_pair: RxePair, rdma_port: int) -> None:
+    rng = random.Random(7)
+    async with proxied(rxe_pair, rdma_port) as (ingress, egress, socks_port):
+        async with tcp_target(echo) as target_port:
+
+            async def one(size: int) -> None:
+                data = rng.randbytes(size)
+                stream = await socks_connect(socks_port, "127.0.0.1", target_port)
+                async with stream, trio.open_nursery() as nursery:
+                    result = bytearray()
+
+                    async def reader() -> None:
+                        result.extend(await receive_all(stream))
+
+                    nursery.start_soon(reader)
+                    await stream.send_all(data)
+                    await stream.send_eof()
+                assert bytes(result) == data
+
+            with trio.fail_after(240):
+                async with trio.open_nursery() as nursery:
+                    for _ in range(40):
+                        nursery.start_soon(one, rng.randint(0, 300_000))
+            await wait_idle(ingress, egress)
+
+
+async def test_reset_propagates_and_codes(rxe_pair: RxePair, rdma_port: int) -> None:
+    async def rude(stream: trio.SocketStream) -> None:
+        await stream.receive_some(10)
+        stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+        await stream.aclose()  # RST
+
+    async with proxied(rxe_pair, rdma_port) as (ingress, egress, socks_port):
+        async with tcp_target(rude) as target_port:
+            stream = await socks_connect(socks_port, "127.0.0.1", target_port)
+            await stream.send_all(b"hello")
+            with trio.fail_after(60), pytest.raises(trio.BrokenResourceError):
+                while await stream.receive_some(100):
+                    pass
+            await stream.aclose()
+
+        with socket.socket() as unused:
+            unused.bind(("127.0.0.1", 0))
+            closed_port = unused.getsockname()[1]
+        with pytest.raises(ProxyError) as refused:
+            await socks_connect(socks_port, "127.0.0.1", closed_port)
+        assert refused.value.error_code == 0x05
+        with pytest.raises(ProxyError) as unknown:
+            await socks_connect(socks_port, "no-such-host.invalid", 80)
+        assert unknown.value.error_code == 0x04
+        await wait_idle(ingress, egress)
+
+
+async def test_peer_with_wrong_secret_is_refused(rxe_pair: RxePair, rdma_port: int) -> None:
+    egress = make_node(make_config((rxe_pair.b.ip, rdma_port), [], SECRET))
+    intruder = make_node(make_config((rxe_pair.a.ip, rdma_port + 1), [(rxe_pair.b.ip, rdma_port)],
+                                     b"wrong secret"))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(egress.run)
+        await nursery.start(intruder.run)
+        with pytest.raises(trio.TooSlowError):
+            await wait_for_peer(intruder, timeout=8)
+        assert not egress.links
+        nursery.cancel_scope.cancel()
