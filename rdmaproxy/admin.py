@@ -267,6 +267,8 @@ class AdminSocket:
         try:
             sock = cls._bind_socket(path)
         except BaseException:
+            with contextlib.suppress(OSError):
+                lock_path.unlink()
             os.close(lock_fd)
             raise
         return cls(path, sock, lock_fd)

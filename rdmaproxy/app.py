@@ -247,7 +247,9 @@ async def run_proxy(
             signals = stack.enter_context(trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM))
         admin: AdminSocket | None = None
         if config.admin_socket is not None:
-            admin = stack.enter_context(AdminSocket.open(config.admin_socket))
+            # In a thread: finding out who owns a busy socket means querying it (blocking).
+            admin = await trio.to_thread.run_sync(AdminSocket.bind, config.admin_socket)
+            stack.callback(admin.close)
         listeners = await _open_socks_listeners(config.socks)
         status.socks = tuple(_bound(listener) for listener in listeners)
         try:

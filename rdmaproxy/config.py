@@ -27,7 +27,7 @@ import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Final, NoReturn, TypeVar
+from typing import Any, Final, NoReturn, TypeVar
 
 import attrs
 
@@ -252,7 +252,14 @@ def default_name(socks: Sequence[HostPort], listen: HostPort | None) -> str:
 
 
 class OneLineArgumentParser(argparse.ArgumentParser):
-    """argparse, but errors are one line: ``PROG: error: MESSAGE`` (status 2, no usage)."""
+    """argparse, but errors are one line: ``PROG: error: MESSAGE`` (status 2, no usage).
+
+    Abbreviated options are not accepted (``--sock`` is not ``--socks``).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         message = " ".join(message.split())  # one line, whatever argparse composed
