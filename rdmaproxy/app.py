@@ -228,6 +228,25 @@ def _only_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException | None
     return leaves[0] if len(leaves) == 1 else None
 
 
+async def _start_node(config: ServeConfig, registry: Registry, nursery: trio.Nursery) -> RdmaNode:
+    """Start the RDMA node; a failure that is not an RdmaproxyError (no pyverbs, no device
+    for the address, an OSError) becomes a one-line StartupError (traceback at DEBUG)."""
+    where = "-" if config.listen is None else format_hostport(config.listen)
+    try:
+        from rdmaproxy.node import RdmaNode  # type: ignore[import-not-found]
+
+        node = RdmaNode(config, registry)
+        await nursery.start(node.run)
+    except RdmaproxyError:
+        raise
+    except Exception as exc:
+        log.debug("the RDMA node failed to start", exc_info=True)
+        raise StartupError(
+            f"RDMA node on --listen {where} failed to start: {type(exc).__name__}: {exc}"
+        ) from exc
+    return node
+
+
 async def run_proxy(
     config: ServeConfig,
     *,
@@ -259,11 +278,7 @@ async def run_proxy(
                 connector: Connector
                 hooks: DirectStreamHooks | None = None
                 if config.rdma:
-                    from rdmaproxy.node import RdmaNode  # type: ignore[import-not-found]
-
-                    node = RdmaNode(config, registry)
-                    status.node = node
-                    await nursery.start(node.run)
+                    status.node = await _start_node(config, registry, nursery)
                 if status.node is not None and config.peers:
                     connector = status.node.connector()
                 else:

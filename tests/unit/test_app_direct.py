@@ -291,6 +291,21 @@ async def test_node_startup_failure_propagates_unwrapped(
     assert not admin.exists()
 
 
+async def test_node_failing_with_a_foreign_error_becomes_a_startup_error(
+    run_dir: Path, fake_node: type[FakeNode], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def failing_run(self: FakeNode, *, task_status: Any = None) -> None:
+        raise LookupError("no RDMA device has IP 10.99.0.2")
+
+    monkeypatch.setattr(FakeNode, "run", failing_run)
+    config = ServeConfig(listen=("10.99.0.2", 7471), secret=b"s")
+    with pytest.raises(
+        StartupError,
+        match=r"^RDMA node on --listen 10.99.0.2:7471 failed to start: LookupError: no RDMA",
+    ):
+        await run_proxy(config, handle_signals=False)
+
+
 # ------------------------------------------------------------------- real subprocess
 
 
