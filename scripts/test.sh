@@ -56,6 +56,7 @@ fi
 
 install_system
 install_venv
+[ "${RDMAPROXY_ONLY_INSTALL:-}" = 1 ] && exit 0
 echo "== ruff"; "$VENV/bin/ruff" check rdmaproxy tests
 echo "== mypy"; "$VENV/bin/mypy"
 if native_rdma_possible; then
