@@ -46,10 +46,10 @@ inside() {
     awk -v s="$speed" 'BEGIN { printf "throughput: %.1f MiB/s through rdmaproxy over RDMA\n", s / 1048576 }'
 
     echo "== the sockets registry while a (rate-limited) transfer is in flight"
-    curl -sS --socks5-hostname 127.0.0.1:1080 --limit-rate 1M http://localhost:8080/blob \
+    curl -sS --socks5-hostname 127.0.0.1:1080 --limit-rate 256K http://localhost:8080/blob \
         -o /dev/null &
     local slow=$!
-    sleep 3
+    sleep 6
     "$py" -m rdmaproxy status
     kill "$slow" 2>/dev/null || true
     wait "$slow" 2>/dev/null || true

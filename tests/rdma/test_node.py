@@ -23,15 +23,18 @@ from rdmaproxy.node import RdmaNode
 from rdmaproxy.pool import SlotAllocator
 from rdmaproxy.registry import Registry
 from rdmaproxy.socks.server import serve_socks
+from rdmaproxy.socks.users import UserTable
 
 MiB = 1 << 20
 SECRET = b"test secret"
 
 
-def make_config(listen: tuple[str, int], peers: list[tuple[str, int]], secret: bytes) -> Any:
+def make_config(
+    listen: tuple[str, int], peers: list[tuple[str, int]], secret: bytes, pool_size: int = 32 * MiB
+) -> Any:
     # 64 KiB rings: the 3 MiB echo wraps each ring ~50 times; 32 MiB holds ~500 streams
     return SimpleNamespace(
-        listen=listen, peers=peers, pool_size=32 * MiB, ring_size=64 * 1024, secret=secret,
+        listen=listen, peers=peers, pool_size=pool_size, ring_size=64 * 1024, secret=secret,
         connect_timeout=10.0,
     )
 
@@ -47,17 +50,21 @@ async def wait_for_peer(node: RdmaNode, timeout: float = 30) -> None:
 
 
 @asynccontextmanager
-async def proxied(rxe: RxePair, port: int) -> AsyncIterator[tuple[RdmaNode, RdmaNode, int]]:
+async def proxied(
+    rxe: RxePair, port: int, *, ingress_pool: int = 32 * MiB, users: UserTable | None = None
+) -> AsyncIterator[tuple[RdmaNode, RdmaNode, int]]:
     """(ingress node, egress node, SOCKS port of the ingress)."""
     egress = make_node(make_config((rxe.b.ip, port), [], SECRET))
-    ingress = make_node(make_config((rxe.a.ip, port + 1), [(rxe.b.ip, port)], SECRET))
+    ingress = make_node(
+        make_config((rxe.a.ip, port + 1), [(rxe.b.ip, port)], SECRET, pool_size=ingress_pool)
+    )
     async with trio.open_nursery() as nursery:
         await nursery.start(egress.run)
         await nursery.start(ingress.run)
         await wait_for_peer(ingress)
         listeners = await nursery.start(
             lambda task_status: serve_socks(ingress.connector(), host="127.0.0.1", port=0,
-                                            task_status=task_status)
+                                            users=users, task_status=task_status)
         )
         socks_port = listeners[0].socket.getsockname()[1]
         yield ingress, egress, socks_port
@@ -213,3 +220,40 @@ async def test_peer_with_wrong_secret_is_refused(rxe_pair: RxePair, rdma_port: i
             await wait_for_peer(intruder, timeout=8)
         assert not egress.links
         nursery.cancel_scope.cancel()
+
+
+async def test_pool_exhaustion_refuses_new_streams_only(rxe_pair: RxePair, rdma_port: int) -> None:
+    # 256 KiB of 64 KiB rings (after the control area): 3 streams fit on the ingress
+    async with proxied(rxe_pair, rdma_port, ingress_pool=256 * 1024) as (ingress, egress, port):
+        assert ingress.registry.allocator.n_slots == 3
+        async with tcp_target(echo) as target_port:
+            held = [await socks_connect(port, "127.0.0.1", target_port) for _ in range(3)]
+            with pytest.raises(ProxyError) as full:
+                await socks_connect(port, "127.0.0.1", target_port)
+            assert full.value.error_code == 0x01
+            with trio.fail_after(60):
+                for stream in held:  # the existing streams go on
+                    await stream.send_all(b"still here")
+                    assert await stream.receive_some(100) == b"still here"
+            for stream in held:
+                await stream.aclose()
+            await wait_idle(ingress, egress)
+            again = await socks_connect(port, "127.0.0.1", target_port)  # memory came back
+            await again.aclose()
+            await wait_idle(ingress, egress)
+
+
+async def test_username_password_through_rdma(rxe_pair: RxePair, rdma_port: int) -> None:
+    users = UserTable.from_plain({"alice": "wonderland"})
+    async with proxied(rxe_pair, rdma_port, users=users) as (ingress, egress, port):
+        async with tcp_target(echo) as target_port:
+            with pytest.raises(ProxyError):
+                await socks_connect(port, "127.0.0.1", target_port, username="alice",
+                                    password="wrong")
+            stream = await socks_connect(port, "127.0.0.1", target_port, username="alice",
+                                         password="wonderland")
+            with trio.fail_after(60):
+                await stream.send_all(b"authenticated")
+                assert await stream.receive_some(100) == b"authenticated"
+            await stream.aclose()
+            await wait_idle(ingress, egress)
