@@ -257,3 +257,24 @@ async def test_username_password_through_rdma(rxe_pair: RxePair, rdma_port: int)
                 assert await stream.receive_some(100) == b"authenticated"
             await stream.aclose()
             await wait_idle(ingress, egress)
+
+
+async def test_peer_connection_is_re_established(rxe_pair: RxePair, rdma_port: int) -> None:
+    """The ingress starts before its peer (retries with backoff), notices when the peer goes
+    away, and reconnects when it comes back."""
+    ingress = make_node(make_config((rxe_pair.a.ip, rdma_port + 1),
+                                    [(rxe_pair.b.ip, rdma_port)], SECRET))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(ingress.run)
+        await trio.sleep(2)  # a few refused attempts first
+        assert not ingress.links
+        for _round in range(2):
+            egress = make_node(make_config((rxe_pair.b.ip, rdma_port), [], SECRET))
+            async with trio.open_nursery() as egress_nursery:
+                await egress_nursery.start(egress.run)
+                await wait_for_peer(ingress, timeout=60)
+                egress_nursery.cancel_scope.cancel()  # the peer goes away
+            with trio.fail_after(60):
+                while ingress.links:
+                    await trio.sleep(0.05)
+        nursery.cancel_scope.cancel()
