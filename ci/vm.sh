@@ -9,7 +9,7 @@
 # The guest's exit status becomes ours; 124 means the wall-clock bound was hit.
 #
 # Environment: RDMAPROXY_VM_CACHE (default /opt/rdmaproxy-vm; must not be under /var/cache or
-# /tmp, which the guest replaces with tmpfs), RDMAPROXY_VM_MEMORY (4G), RDMAPROXY_VM_CPUS (2),
+# /var/tmp, which the guest replaces with tmpfs), RDMAPROXY_VM_MEMORY (4G), RDMAPROXY_VM_CPUS (2),
 # RDMAPROXY_VENV (default <checkout>/.venv: vng is taken from it).
 set -euo pipefail
 
