@@ -34,7 +34,7 @@ from rdmaproxy.socks.server import (
     ConnectFailed,
     DirectTCPConnector,
     OpenedLeg,
-    _Relay,
+    Relay,
     abort_stream,
 )
 from rdmaproxy.stream_state import (
@@ -740,7 +740,7 @@ async def relay(tcp: trio.abc.HalfCloseableStream, ring: RingStream, what: str) 
     """Pump TCP ↔ ring until both directions end; any failure aborts both."""
     from rdmaproxy.socks.server import Direction
 
-    pump = _Relay(None, None, CHUNK * 2)
+    pump = Relay(None, None, CHUNK * 2)
     graceful = False
     try:
         async with trio.open_nursery() as nursery:

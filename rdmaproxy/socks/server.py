@@ -388,7 +388,7 @@ class SocksServer:
         try:
             await client.send_all(conn.accept(leg.bound))
             trailing, client_eof = conn.trailing_data
-            relay = _Relay(self.hooks, handle, self.buffer_size)
+            relay = Relay(self.hooks, handle, self.buffer_size)
             async with trio.open_nursery() as nursery:
                 relay.cancel_scope = nursery.cancel_scope
                 nursery.start_soon(
@@ -436,7 +436,7 @@ class SocksServer:
 
 
 @attrs.define
-class _Relay:
+class Relay:
     """Both directions of one proxied stream; the first failure cancels the other direction."""
 
     hooks: StreamHooks[Any] | None
