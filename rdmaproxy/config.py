@@ -65,6 +65,9 @@ HostPort = tuple[str, int]
 
 DEFAULT_POOL_SIZE: Final = 64 * 1024 * 1024
 DEFAULT_RING_SIZE: Final = 1024 * 1024
+DEFAULT_CHUNK_SIZE: Final = 32 * 1024
+MIN_CHUNK_SIZE: Final = 4 * 1024
+MAX_CHUNK_SIZE: Final = 1024 * 1024
 DEFAULT_HANDSHAKE_TIMEOUT: Final = 10.0
 DEFAULT_CONNECT_TIMEOUT: Final = 10.0
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
@@ -92,6 +95,8 @@ class ServeConfig:
     users_file: Path | None = None
     pool_size: int = DEFAULT_POOL_SIZE
     ring_size: int = DEFAULT_RING_SIZE
+    #: Largest payload of one RDMA WRITE (and one socket read on the sending side).
+    chunk_size: int = DEFAULT_CHUNK_SIZE
     name: str = "rdmaproxy"
     #: Path of the admin socket; None: no admin socket (embedding, tests).
     admin_socket: Path | None = None
@@ -341,6 +346,15 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "the pool holds (default 1MiB); the pool holds about pool-size/ring-size streams.",
     )
     parser.add_argument(
+        "--chunk-size",
+        metavar="SIZE",
+        default=DEFAULT_CHUNK_SIZE,
+        type=_typed(parse_size, "size"),
+        help="largest payload of one RDMA WRITE, from 4KiB to 1MiB and at most half the peer's "
+        "ring (default 32KiB). Soft-RoCE copies a WRITE while posting it, so larger chunks "
+        "stall the proxy longer; docs/performance.md shows the trade-off.",
+    )
+    parser.add_argument(
         "--name",
         metavar="NAME",
         help="name of this proxy for `rdmaproxy status` and its admin socket "
@@ -433,6 +447,14 @@ def config_from_args(ns: argparse.Namespace, parser: argparse.ArgumentParser) ->
             f"must be a power of two from {format_size(MIN_RING_SIZE)} to "
             f"{format_size(MAX_RING_SIZE)}, got {ring_size} bytes",
         )
+    chunk_size: int = ns.chunk_size
+    if not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE:
+        _fail(
+            err,
+            "--chunk-size",
+            f"must be from {format_size(MIN_CHUNK_SIZE)} to {format_size(MAX_CHUNK_SIZE)}, "
+            f"got {chunk_size} bytes",
+        )
     try:
         PoolLayout.compute(pool_size, ring_size)
     except ValueError as exc:
@@ -498,6 +520,7 @@ def config_from_args(ns: argparse.Namespace, parser: argparse.ArgumentParser) ->
         users_file=ns.users,
         pool_size=pool_size,
         ring_size=ring_size,
+        chunk_size=chunk_size,
         name=name,
         admin_socket=admin_socket,
         handshake_timeout=ns.handshake_timeout,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
+import os
 import struct
 import time
 from collections.abc import Iterator
@@ -28,6 +29,7 @@ from rdmaproxy.errors import ProtocolViolation
 from rdmaproxy.pool import CTRL_BLOCK_SIZE, PinnedPool
 from rdmaproxy.registry import Registry, StreamRow
 from rdmaproxy.ring import ReceiverRing, SenderRing
+from rdmaproxy.send_window import SendQueueFull, SendWindow
 from rdmaproxy.socks.codec import BoundAddress, Destination, Socks5Reply
 from rdmaproxy.socks.server import (
     ClientAddress,
@@ -35,6 +37,7 @@ from rdmaproxy.socks.server import (
     DirectTCPConnector,
     OpenedLeg,
     Relay,
+    SpliceSocketError,
     abort_stream,
 )
 from rdmaproxy.stream_state import (
@@ -57,9 +60,9 @@ from rdmaproxy.verbs.cq import AsyncCompletionQueue, CompletionError
 from rdmaproxy.verbs.device import VerbsDevice
 from rdmaproxy.verbs.qp import (
     ReceiveSlots,
+    RegisteredBuffer,
     SendQueue,
     SendSlots,
-    allocate_registered,
     create_rc_qp,
     register_memory,
 )
@@ -69,16 +72,16 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("rdmaproxy.node")
 
-CHUNK = 32 * 1024  # bytes per RDMA WRITE: rxe copies inside post_send with the GIL held
-STAGING_CHUNKS = 64
+CTRL_SEND_SLOTS = 256
 RECV_DEPTH = 512
 SEND_DEPTH = 1024
-CTRL_SEND_SLOTS = 64
-HEAD_FIELD, TAIL_FIELD = 0, 8
-
-# wr_id layout for sends: kind (8 bits) | WRs retired by this completion (8 bits) | index
-WR_DATA, WR_CTRL, WR_CURSOR = 1, 2, 3
-RECV_WR_BASE = 1 << 62
+#: Registered staging memory per peer link: socket reads land here, RDMA WRITEs leave from here.
+STAGING_BYTES = 4 * 1024 * 1024
+MIN_STAGING_CHUNKS = 8
+#: At most this many send requests in a row go unsignaled (send_window.py).
+SIGNAL_EVERY = 16
+TAIL_FIELD = 8  # the peer_tail cursor's offset in a control block
+RECV_WR_BASE = 1 << 62  # receive wr_ids; send wr_ids are sequence numbers far below it
 _U64 = struct.Struct("<Q")
 
 
@@ -86,20 +89,18 @@ def _fmt(address: tuple[str, int]) -> str:
     return f"[{address[0]}]:{address[1]}" if ":" in address[0] else f"{address[0]}:{address[1]}"
 
 
-def _wr_id(kind: int, retired: int, index: int) -> int:
-    return (kind << 56) | (retired << 48) | index
-
-
-def _split_wr_id(wr_id: int) -> tuple[int, int, int]:
-    return wr_id >> 56, (wr_id >> 48) & 0xFF, wr_id & ((1 << 48) - 1)
-
-
 class PeerGone(Exception):
     pass
 
 
 class RingStream(trio.abc.HalfCloseableStream):
-    """One stream's leg on this node, as a trio stream over the two rings."""
+    """One stream's leg on this node, as a trio stream over the two rings.
+
+    Besides the trio stream API (which copies), it splices with a TCP socket without a Python
+    ``bytes`` in between: `splice_from_socket` reads the socket straight into registered
+    staging memory and RDMA-writes it from there; `splice_to_socket` writes to the socket
+    straight from the ring in the pinned pool. The relays use these (socks/server.py Relay).
+    """
 
     def __init__(self, link: PeerLink, row: StreamRow) -> None:
         self.link = link
@@ -112,25 +113,28 @@ class RingStream(trio.abc.HalfCloseableStream):
         self.send_ring = SenderRing(link.remote.ring_size)
         self._recv_lot = trio.lowlevel.ParkingLot()
         self._send_lot = trio.lowlevel.ParkingLot()
+        self._socket_waits: set[trio.CancelScope] = set()
+        self._asked_tail = False  # a DATA_WANT_TAIL is outstanding
         self.opened = trio.Event()
         self.refused_code: int | None = None
         self.broken: str | None = None  # reason once reset or lost
         self._send_lock = trio.StrictFIFOLock()
-        node.pool.buffer[self.ctrl_offset : self.ctrl_offset + CTRL_BLOCK_SIZE] = bytes(
+        node.pool_view[self.ctrl_offset : self.ctrl_offset + CTRL_BLOCK_SIZE] = bytes(
             CTRL_BLOCK_SIZE
         )
 
     # -- events from the link's dispatcher ----------------------------------------------------
-    def peer_head(self, want_tail: bool) -> None:
-        head = _U64.unpack_from(self.link.node.pool.buffer, self.ctrl_offset + HEAD_FIELD)[0]
-        self.recv_ring.set_head(head, want_tail=want_tail)
+    def peer_data(self, nbytes: int, want_tail: bool) -> None:
+        """The peer wrote ``nbytes`` at our head (a DATA completion)."""
+        self.recv_ring.set_head(self.recv_ring.head + nbytes, want_tail=want_tail)
         if want_tail:
             self._maybe_send_tail()
         self._recv_lot.unpark_all()
 
     def peer_tail(self) -> None:
-        tail = _U64.unpack_from(self.link.node.pool.buffer, self.ctrl_offset + TAIL_FIELD)[0]
+        tail = _U64.unpack_from(self.link.node.pool_view, self.ctrl_offset + TAIL_FIELD)[0]
         self.send_ring.update_peer_tail(tail)
+        self._asked_tail = False
         self._send_lot.unpark_all()
 
     def peer_fin(self, final_head: int) -> None:
@@ -143,6 +147,19 @@ class RingStream(trio.abc.HalfCloseableStream):
             self.broken = reason
         self._recv_lot.unpark_all()
         self._send_lot.unpark_all()
+        for scope in self._socket_waits:
+            scope.cancel()
+
+    async def _wait_socket(self, wait: Any, sock: trio.socket.SocketType) -> None:
+        """``wait(sock)`` (readable/writable), cut short when the stream breaks."""
+        with trio.CancelScope() as scope:
+            self._socket_waits.add(scope)
+            try:
+                await wait(sock)
+            finally:
+                self._socket_waits.discard(scope)
+        if self.broken is not None:
+            raise trio.BrokenResourceError(f"stream reset: {self.broken}")
 
     # -- sending ------------------------------------------------------------------------------
     def _check_sendable(self) -> None:
@@ -151,27 +168,68 @@ class RingStream(trio.abc.HalfCloseableStream):
         if not self.row.machine.can_send_data:
             raise trio.ClosedResourceError("stream's sending side is closed")
 
+    async def _wait_ring_space(self) -> None:
+        while True:
+            self._check_sendable()
+            if self.send_ring.free:
+                return
+            if not self._asked_tail:  # never wait for space without having asked for it
+                self.link.post_data(self, None, 0)
+            await self._send_lot.park()
+
+    def _writable_now(self) -> int:
+        """Bytes the next WRITE may carry: one chunk, contiguous in the peer's ring."""
+        return self.send_ring.writable_spans(self.link.chunk_size)[0].length
+
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data).cast("B")
         async with self._send_lock:
             while view:
-                self._check_sendable()
-                free = self.send_ring.free
-                if free == 0:
-                    self.link.post_head(self, want_tail=True)
-                    await self._send_lot.park()
-                    continue
+                await self._wait_ring_space()
                 chunk = await self.link.take_staging()
                 try:
                     self._check_sendable()
-                    n = min(len(view), self.send_ring.free, CHUNK)
-                    self.link.write_payload(self, chunk, view[:n])
+                    n = min(len(view), self._writable_now())
+                    self.link.staging_chunk(chunk)[:n] = view[:n]
                 except BaseException:
                     self.link.give_back_staging(chunk)
                     raise
+                self.link.post_data(self, chunk, n)
                 view = view[n:]
-                self.row.record_sent(n)
         await trio.lowlevel.checkpoint()
+
+    async def splice_from_socket(self, sock: trio.socket.SocketType) -> int:
+        """Move what ``sock`` has (up to one chunk) into the peer's ring; 0 at the socket's EOF.
+
+        Waits for ring space first (backpressure: a full ring leaves the socket unread).
+        Socket failures raise SpliceSocketError; stream failures BrokenResourceError.
+        """
+        fd = sock.fileno()
+        async with self._send_lock:
+            while True:
+                await self._wait_ring_space()
+                chunk = await self.link.take_staging()
+                try:
+                    self._check_sendable()
+                    target = self.link.staging_chunk(chunk)[: self._writable_now()]
+                    n = os.readv(fd, [target])
+                except BlockingIOError:
+                    self.link.give_back_staging(chunk)
+                    await self._wait_socket(trio.lowlevel.wait_readable, sock)
+                    continue
+                except OSError as exc:
+                    self.link.give_back_staging(chunk)
+                    raise SpliceSocketError(f"reading the socket: {exc}") from exc
+                except BaseException:
+                    self.link.give_back_staging(chunk)
+                    raise
+                if n == 0:
+                    self.link.give_back_staging(chunk)
+                    break
+                self.link.post_data(self, chunk, n)
+                break
+        await trio.lowlevel.checkpoint()
+        return n
 
     async def wait_send_all_might_not_block(self) -> None:
         while self.send_ring.free == 0 and self.broken is None:
@@ -187,27 +245,63 @@ class RingStream(trio.abc.HalfCloseableStream):
         await trio.lowlevel.checkpoint()
 
     # -- receiving ----------------------------------------------------------------------------
+    def _ring_views(self, max_bytes: int | None) -> list[memoryview]:
+        pool_view = self.link.node.pool_view
+        base = self.ring_offset
+        return [pool_view[base + span.offset : base + span.offset + span.length]
+                for span in self.recv_ring.readable_spans(max_bytes)]
+
+    def _consumed(self, n: int) -> None:
+        self.recv_ring.consume(n)
+        self.row.record_delivered(n)
+        self._after_drain()
+
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         while True:
             if self.broken is not None:
                 raise trio.BrokenResourceError(f"stream reset: {self.broken}")
-            ring = self.recv_ring
-            if ring.readable:
-                limit = ring.readable if max_bytes is None else min(max_bytes, ring.readable)
-                pieces = []
-                for span in ring.readable_spans(limit):
-                    start = self.ring_offset + span.offset
-                    pieces.append(self.link.node.pool.buffer[start : start + span.length])
-                data = b"".join(pieces)
-                ring.consume(len(data))
-                self.row.record_delivered(len(data))
-                self._after_drain()
+            if self.recv_ring.readable:
+                views = self._ring_views(max_bytes)
+                data = b"".join(views)
+                for view in views:
+                    view.release()
+                self._consumed(len(data))
                 await trio.lowlevel.checkpoint()
                 return data
-            if ring.fin_received:
+            if self.recv_ring.fin_received:
                 self._after_drain()
                 await trio.lowlevel.checkpoint()
                 return b""
+            await self._recv_lot.park()
+
+    async def splice_to_socket(self, sock: trio.socket.SocketType) -> int:
+        """Write what the ring holds to ``sock`` straight from the pool; 0 after the peer's FIN.
+
+        Socket failures raise SpliceSocketError; stream failures BrokenResourceError.
+        """
+        fd = sock.fileno()
+        while True:
+            if self.broken is not None:
+                raise trio.BrokenResourceError(f"stream reset: {self.broken}")
+            if self.recv_ring.readable:
+                views = self._ring_views(None)
+                try:
+                    n = os.writev(fd, views)
+                except BlockingIOError:
+                    await self._wait_socket(trio.lowlevel.wait_writable, sock)
+                    continue
+                except OSError as exc:
+                    raise SpliceSocketError(f"writing the socket: {exc}") from exc
+                finally:
+                    for view in views:
+                        view.release()
+                self._consumed(n)
+                await trio.lowlevel.checkpoint()
+                return n
+            if self.recv_ring.fin_received:
+                self._after_drain()
+                await trio.lowlevel.checkpoint()
+                return 0
             await self._recv_lot.park()
 
     def _after_drain(self) -> None:
@@ -224,8 +318,7 @@ class RingStream(trio.abc.HalfCloseableStream):
             self._send_tail()
 
     def _send_tail(self) -> None:
-        tail = self.recv_ring.mark_tail_sent()
-        self.link.post_cursor(self, wire.ImmKind.TAIL, TAIL_FIELD, tail)
+        self.link.post_tail(self, self.recv_ring.mark_tail_sent())
 
     # -- closing ------------------------------------------------------------------------------
     def _peer_slot(self) -> int:
@@ -257,7 +350,12 @@ class RingStream(trio.abc.HalfCloseableStream):
 
 
 class PeerLink:
-    """One RC connection to a peer proxy, multiplexing many streams."""
+    """One RC connection to a peer proxy, multiplexing many streams.
+
+    Every send request goes through `_post`, which numbers it and decides whether it is
+    signaled (send_window.py); what a request holds (a staging chunk, a control-message slot)
+    comes back when a signaled request at or after it completes.
+    """
 
     def __init__(self, node: RdmaNode, name: str) -> None:
         self.node = node
@@ -266,13 +364,18 @@ class PeerLink:
         self.cq = AsyncCompletionQueue(device, SEND_DEPTH + RECV_DEPTH)
         self.qp = create_rc_qp(device, self.cq, max_send_wr=SEND_DEPTH, max_recv_wr=RECV_DEPTH)
         self.sq = SendQueue(self.qp)
+        self.window: SendWindow[int] = SendWindow(SEND_DEPTH, SIGNAL_EVERY)
         self.recvs = ReceiveSlots(device, RECV_DEPTH, wire.CTRL_MSG_MAX, RECV_WR_BASE)
         self.ctrl_out = SendSlots(device, CTRL_SEND_SLOTS, wire.CTRL_MSG_MAX)
-        self.staging = allocate_registered(device, CHUNK * STAGING_CHUNKS)
-        self.scratch = allocate_registered(device, 64)
-        self.staging_free = list(range(STAGING_CHUNKS))
+        # chunk_size is capped at half the peer's ring once its HELLO is in (on_message)
+        self.chunk_size = self.chunk_stride = node.config.chunk_size
+        n_chunks = max(MIN_STAGING_CHUNKS, STAGING_BYTES // self.chunk_stride)
+        self.staging = RegisteredBuffer(device, n_chunks * self.chunk_stride)
+        self.scratch = RegisteredBuffer(device, 4096)  # the 8-byte tail values, sent inline
+        self.staging_free = list(range(n_chunks))
         self._staging_lot = trio.lowlevel.ParkingLot()
-        self.sq_used = 0
+        self._opcodes = (int(pv().enums.IBV_WR_RDMA_WRITE_WITH_IMM), int(pv().enums.IBV_WR_SEND))
+        self._recv_rdma_with_imm = int(pv().enums.IBV_WC_RECV_RDMA_WITH_IMM)
         self.conn: RCConnection | None = None
         self.remote: wire.Hello = wire.Hello(
             version=wire.PROTOCOL_VERSION, rkey=0, pool_addr=0, n_slots=0, ring_size=4096,
@@ -285,16 +388,7 @@ class PeerLink:
         # (nonce of the connector, nonce of the acceptor, the role whose proof we expect)
         self.nonces: tuple[bytes, bytes, wire.ProofRole] = (b"", b"", wire.ProofRole.ACCEPTOR)
 
-    # -- posting ------------------------------------------------------------------------------
-    def _reserve_sq(self, n: int) -> None:
-        if self.dead is not None:
-            raise trio.BrokenResourceError(f"peer {self.name} lost: {self.dead}")
-        if self.sq_used + n > SEND_DEPTH:
-            # Never expected: every chunk and message is signaled and the staging/ctrl slots
-            # bound what can be outstanding far below the queue depth.
-            raise trio.BrokenResourceError(f"send queue to {self.name} overflowed")
-        self.sq_used += n
-
+    # -- staging ------------------------------------------------------------------------------
     async def take_staging(self) -> int:
         while not self.staging_free:
             if self.dead is not None:
@@ -306,78 +400,108 @@ class PeerLink:
         self.staging_free.append(chunk)
         self._staging_lot.unpark()
 
-    def write_payload(self, stream: RingStream, chunk: int, data: memoryview) -> None:
-        """Copy into staging chunk ``chunk``, RDMA WRITE it at the peer's head, publish it."""
-        n = len(data)
-        base = chunk * CHUNK
-        self.staging.write(bytes(data), n, base)  # pyverbs MR.write copies from bytes
-        peer_ring = stream.row.peer_ring_addr
-        assert peer_ring is not None
-        spans = stream.send_ring.writable_spans(n)
-        self._reserve_sq(len(spans) + 1)
-        local = self.staging.buf + base
-        for span in spans:
-            self.sq.write(0, local, span.length, self.staging.lkey, peer_ring + span.offset,
-                          self.remote.rkey)
-            local += span.length
-        stream.send_ring.advance_head(n)
-        head = stream.send_ring.head
-        self._write_cursor(stream, wire.ImmKind.HEAD, HEAD_FIELD, head,
-                           _wr_id(WR_DATA, len(spans) + 1, chunk))
+    def staging_chunk(self, chunk: int) -> memoryview:
+        start = chunk * self.chunk_stride
+        return self.staging.view[start : start + self.chunk_stride]
 
-    def post_head(self, stream: RingStream, *, want_tail: bool) -> None:
-        kind = wire.ImmKind.HEAD_WANT_TAIL if want_tail else wire.ImmKind.HEAD
-        self.post_cursor(stream, kind, HEAD_FIELD, stream.send_ring.head)
-
-    def post_cursor(self, stream: RingStream, kind: wire.ImmKind, field: int, value: int) -> None:
-        if stream.row.peer_slot is None:
-            return
-        self._reserve_sq(1)
-        self._write_cursor(stream, kind, field, value, _wr_id(WR_CURSOR, 1, 0))
-
-    def _write_cursor(
-        self, stream: RingStream, kind: wire.ImmKind, field: int, value: int, wr_id: int
+    # -- posting ------------------------------------------------------------------------------
+    def _post(
+        self, opcode: int, holds: int | None, addr: int, length: int, lkey: int, *,
+        remote: tuple[int, int] | None = None, imm: int = 0, inline: bool = False,
     ) -> None:
+        """Post one send request; ``holds``: staging chunk ``i`` as ``i``, ctrl slot ``j`` as
+        ``-1 - j`` (given back when the request completes), or None."""
+        if self.dead is not None:
+            raise trio.BrokenResourceError(f"peer {self.name} lost: {self.dead}")
+        short = len(self.staging_free) < SIGNAL_EVERY or len(self.ctrl_out.free) < SIGNAL_EVERY
+        try:
+            wr_id, signaled = self.window.post(holds, must_signal=short)
+        except SendQueueFull as exc:  # staging and ctrl slots bound it far below the depth
+            raise trio.BrokenResourceError(f"send queue to {self.name}: {exc}") from None
+        try:
+            self.sq._post(opcode, wr_id, addr, length, lkey, signaled=signaled, inline=inline,
+                          imm=imm, remote=remote)
+        except Exception as exc:
+            self.window.unpost(wr_id)
+            raise trio.BrokenResourceError(f"posting to {self.name} failed: {exc}") from exc
+
+    def post_data(self, stream: RingStream, chunk: int | None, n: int) -> None:
+        """RDMA WRITE WITH IMMEDIATE ``n`` bytes of staging ``chunk`` at the peer's head.
+
+        The completion's byte count tells the receiver how far its head moved (as rsocket
+        does); DATA_WANT_TAIL asks for a tail update when less than a chunk stays free.
+        ``chunk`` None with ``n`` 0 only asks for the tail. Takes the chunk back on failure.
+        """
+        ring = stream.send_ring
+        peer_ring, peer_slot = stream.row.peer_ring_addr, stream.row.peer_slot
+        assert peer_ring is not None and peer_slot is not None
+        want_tail = ring.free - n < self.chunk_size
+        kind = wire.ImmKind.DATA_WANT_TAIL if want_tail else wire.ImmKind.DATA
+        addr = self.staging.address + (chunk or 0) * self.chunk_stride
+        try:
+            self._post(self._opcodes[0], chunk, addr, n, self.staging.lkey,
+                       remote=(peer_ring + ring.head_offset, self.remote.rkey),
+                       imm=wire.encode_imm(kind, peer_slot))
+        except BaseException:
+            if chunk is not None:
+                self.give_back_staging(chunk)
+            raise
+        ring.advance_head(n)
+        stream.row.record_sent(n)
+        if want_tail:
+            stream._asked_tail = True
+
+    def post_tail(self, stream: RingStream, tail: int) -> None:
         peer_slot = stream.row.peer_slot
-        assert peer_slot is not None
-        self.scratch.write(_U64.pack(value), 8, 0)
-        remote = self.remote.pool_addr + CTRL_BLOCK_SIZE * peer_slot + field
-        self.sq.write_imm(wr_id, self.scratch.buf, 8, self.scratch.lkey, remote, self.remote.rkey,
-                          wire.encode_imm(kind, peer_slot), signaled=True, inline=True)
+        if peer_slot is None:
+            return
+        _U64.pack_into(self.scratch.view, 0, tail)  # inline: copied while posting
+        remote = self.remote.pool_addr + CTRL_BLOCK_SIZE * peer_slot + TAIL_FIELD
+        self._post(self._opcodes[0], None, self.scratch.address, 8, self.scratch.lkey,
+                   remote=(remote, self.remote.rkey),
+                   imm=wire.encode_imm(wire.ImmKind.TAIL, peer_slot), inline=True)
 
     def post_ctrl(self, message: wire.Message) -> None:
         if not self.ctrl_out.free:
             raise trio.BrokenResourceError(f"control messages to {self.name} backed up")
-        self._reserve_sq(1)
         slot = self.ctrl_out.free.pop()
         data = message.encode()
         self.ctrl_out.fill(slot, data)
-        self.sq.send(_wr_id(WR_CTRL, 1, slot), self.ctrl_out.address(slot), len(data),
-                     self.ctrl_out.mr.lkey, signaled=True)
+        try:
+            self._post(self._opcodes[1], -1 - slot, self.ctrl_out.address(slot), len(data),
+                       self.ctrl_out.mr.lkey)
+        except BaseException:
+            self.ctrl_out.free.append(slot)
+            raise
 
     # -- completions --------------------------------------------------------------------------
     async def dispatch(self) -> None:
-        enums = pv().enums
+        success = pv().enums.IBV_WC_SUCCESS
+        recvs = self.recvs
         while True:
             for wc in await self.cq.wait(64):
-                if wc.status != enums.IBV_WC_SUCCESS:
+                if wc.status != success:
                     raise PeerGone(str(CompletionError(wc)))
-                if self.recvs.owns(wc.wr_id):
+                wr_id = wc.wr_id
+                if recvs.owns(wr_id):
                     self._on_receive(wc)
-                    self.recvs.post(self.qp, wc.wr_id)
+                    recvs.post(self.qp, wr_id)
                 else:
-                    self._on_send_done(wc.wr_id)
+                    self._on_send_done(wr_id)
 
     def _on_send_done(self, wr_id: int) -> None:
-        kind, retired, index = _split_wr_id(wr_id)
-        self.sq_used -= retired
-        if kind == WR_DATA:
-            self.give_back_staging(index)
-        elif kind == WR_CTRL:
-            self.ctrl_out.free.append(index)
+        try:
+            freed = self.window.complete(wr_id)
+        except ValueError as exc:
+            raise PeerGone(f"send queue bookkeeping: {exc}") from None
+        for token in freed:
+            if token >= 0:
+                self.give_back_staging(token)
+            else:
+                self.ctrl_out.free.append(-1 - token)
 
     def _on_receive(self, wc: Any) -> None:
-        if wc.opcode == pv().enums.IBV_WC_RECV_RDMA_WITH_IMM:
+        if wc.opcode == self._recv_rdma_with_imm:
             kind, slot = wire.decode_imm(wc.imm_data)
             stream = self.streams.get(slot)
             if stream is None:
@@ -386,7 +510,7 @@ class PeerLink:
             if kind == wire.ImmKind.TAIL:
                 stream.peer_tail()
             else:
-                stream.peer_head(kind == wire.ImmKind.HEAD_WANT_TAIL)
+                stream.peer_data(wc.byte_len, kind == wire.ImmKind.DATA_WANT_TAIL)
             return
         message = wire.decode_message(self.recvs.read(wc.wr_id, wc.byte_len))
         self.node.on_message(self, message)
@@ -428,6 +552,7 @@ class RdmaNode:
         self._accepted: Iterator[int] = itertools.count(1)
         self.device: Any = None
         self.pool: Any = None
+        self.pool_view: memoryview = memoryview(b"")
         self.mr: Any = None
         self.cm: ConnectionManager | None = None
         self.peer_state: dict[str, str] = {}
@@ -441,6 +566,7 @@ class RdmaNode:
         ip, port = config.listen
         self.device = VerbsDevice.for_ip(ip)
         self.pool = PinnedPool(config.pool_size)
+        self.pool_view = memoryview(self.pool.buffer)
         self.mr = register_memory(self.device, self.pool.address, self.pool.size)
         self.cm = ConnectionManager()
         try:
@@ -460,6 +586,7 @@ class RdmaNode:
                 self._drop_link(link, "shutting down")
             self.cm.close()
             self.mr.close()
+            self.pool_view.release()
             self.pool.close()
             self.device.close()
 
@@ -601,6 +728,7 @@ class RdmaNode:
             else:
                 # Ready at once, in the dispatcher: an OPEN may follow in the same batch.
                 link.remote = message
+                link.chunk_size = min(link.chunk_stride, message.ring_size // 2)
                 link.ready.set()
                 self.links[link.name] = link
                 self.peer_state[link.name] = "up"
@@ -740,7 +868,7 @@ async def relay(tcp: trio.abc.HalfCloseableStream, ring: RingStream, what: str) 
     """Pump TCP ↔ ring until both directions end; any failure aborts both."""
     from rdmaproxy.socks.server import Direction
 
-    pump = Relay(None, None, CHUNK * 2)
+    pump = Relay(None, None, 2 * ring.link.chunk_size)
     graceful = False
     try:
         async with trio.open_nursery() as nursery:

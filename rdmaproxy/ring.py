@@ -159,7 +159,7 @@ class SenderRing:
         return freed
 
     def needs_tail(self, chunk_size: int) -> bool:
-        """Whether a head update announcing the current head must carry HEAD_WANT_TAIL.
+        """Whether a head update announcing the current head must carry DATA_WANT_TAIL.
 
         True when less than ``chunk_size`` bytes are free (a full ring included): the sender
         is about to block, so it asks the receiver for a tail update as soon as anything
@@ -183,7 +183,7 @@ class ReceiverRing:
     head: int = attrs.field(default=0)
     tail: int = attrs.field(default=0)
     last_sent_tail: int = attrs.field(default=attrs.Factory(lambda s: s.tail, takes_self=True))
-    #: The peer asked (HEAD_WANT_TAIL) for a tail update as soon as anything drains.
+    #: The peer asked (DATA_WANT_TAIL) for a tail update as soon as anything drains.
     want_tail: bool = attrs.field(default=False)
     #: Final head announced by the peer's FIN, or None while the direction is open.
     final_head: int | None = attrs.field(default=None)
@@ -252,7 +252,7 @@ class ReceiverRing:
             )
 
     def set_head(self, head: int, *, want_tail: bool = False) -> int:
-        """Take a head published by the peer (HEAD / HEAD_WANT_TAIL); return new bytes.
+        """Take a head published by the peer (DATA / DATA_WANT_TAIL); return new bytes.
 
         Raises ProtocolViolation if the head moves backwards, would put more than
         ``ring_size`` bytes in the ring, or moves after the peer's FIN.
@@ -286,7 +286,7 @@ class ReceiverRing:
         """Whether the receiver should write its tail back now (design.md "Tail updates").
 
         (a) at least 1/8 of the ring drained since the last update sent, or
-        (b) the sender asked with HEAD_WANT_TAIL and anything drained since, or
+        (b) the sender asked with DATA_WANT_TAIL and anything drained since, or
         (c) the last byte before the peer's FIN has been drained (and not yet reported).
         """
         drained = self.tail - self.last_sent_tail

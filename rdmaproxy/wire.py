@@ -66,7 +66,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 CTRL_MSG_MAX = 512
 HEADER_SIZE = 4
 PROOF_SIZE = 32
@@ -101,8 +101,11 @@ class Atyp(enum.IntEnum):
 
 
 class ImmKind(enum.IntEnum):
-    HEAD = 1
-    HEAD_WANT_TAIL = 2
+    #: Payload written at the receiver's head; the completion's byte count advances the head.
+    DATA = 1
+    #: As DATA, and the sender is short of ring space: write the tail back once anything drains.
+    DATA_WANT_TAIL = 2
+    #: A new tail (the receiver's consumer cursor) written into the sender's control block.
     TAIL = 3
 
 

@@ -19,12 +19,13 @@ from __future__ import annotations
 import contextlib
 import enum
 import errno
+import functools
 import logging
 import math
 import socket
 import struct
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Final, NoReturn, Protocol, TypeVar
+from typing import Any, Final, NoReturn, Protocol, TypeVar, runtime_checkable
 
 import attrs
 import trio
@@ -435,6 +436,24 @@ class SocksServer:
             await trio.aclose_forcefully(leg.stream)
 
 
+class SpliceSocketError(trio.BrokenResourceError):
+    """The socket side of a splice failed (not the splicing stream itself)."""
+
+
+@runtime_checkable
+class SocketSplicer(Protocol):
+    """A stream that moves bytes from/to a socket without a Python ``bytes`` in between.
+
+    Both return the bytes moved, 0 at end of stream, and raise SpliceSocketError when the
+    socket fails. The relay uses them instead of ``receive_some``/``send_all`` when the other
+    side is a plain TCP socket stream (rdmaproxy.node.RingStream implements them).
+    """
+
+    async def splice_from_socket(self, sock: trio.socket.SocketType) -> int: ...
+
+    async def splice_to_socket(self, sock: trio.socket.SocketType) -> int: ...
+
+
 @attrs.define
 class Relay:
     """Both directions of one proxied stream; the first failure cancels the other direction."""
@@ -461,32 +480,51 @@ class Relay:
 
         Any exception is recorded and cancels the relay; nothing propagates.
         """
-        hooks = self.hooks
         src_side, dst_side = ("client", "remote")
         if direction is Direction.DOWNSTREAM:
             src_side, dst_side = dst_side, src_side
         failing_side = dst_side
+        socket_side = dst_side
         try:
-            data: bytes | bytearray = initial
-            while True:
-                if data:
-                    failing_side = dst_side
-                    await dst.send_all(data)
-                    self.counts[direction] += len(data)
-                    if hooks is not None:
-                        hooks.on_bytes(self.handle, direction, len(data))
-                if src_eof:
-                    break
-                failing_side = src_side
-                data = await src.receive_some(self.buffer_size)
-                if not data:
-                    break
+            if initial:
+                await dst.send_all(initial)
+                self._count(direction, len(initial))
+            if not src_eof:
+                move: Callable[[], Awaitable[int]] | None = None
+                if isinstance(src, trio.SocketStream) and isinstance(dst, SocketSplicer):
+                    move = functools.partial(dst.splice_from_socket, src.socket)
+                    failing_side, socket_side = dst_side, src_side
+                elif isinstance(dst, trio.SocketStream) and isinstance(src, SocketSplicer):
+                    move = functools.partial(src.splice_to_socket, dst.socket)
+                    failing_side, socket_side = src_side, dst_side
+                if move is not None:
+                    while n := await move():
+                        self._count(direction, n)
+                else:
+                    while True:
+                        failing_side = src_side
+                        data = await src.receive_some(self.buffer_size)
+                        if not data:
+                            break
+                        failing_side = dst_side
+                        await dst.send_all(data)
+                        self._count(direction, len(data))
             failing_side = dst_side
             await dst.send_eof()
+        except SpliceSocketError as exc:
+            self._fail(socket_side, direction, exc)
         except Exception as exc:
-            self.failures.append(_RelayFailure(failing_side, direction, exc))
-            if self.cancel_scope is not None:
-                self.cancel_scope.cancel()
+            self._fail(failing_side, direction, exc)
+
+    def _count(self, direction: Direction, n: int) -> None:
+        self.counts[direction] += n
+        if self.hooks is not None:
+            self.hooks.on_bytes(self.handle, direction, n)
+
+    def _fail(self, side: str, direction: Direction, exc: Exception) -> None:
+        self.failures.append(_RelayFailure(side, direction, exc))
+        if self.cancel_scope is not None:
+            self.cancel_scope.cancel()
 
 
 async def serve_socks(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from rdmaproxy.pool import PinnedPool
 from rdmaproxy.verbs._pyverbs import pv
 from rdmaproxy.verbs.cq import AsyncCompletionQueue
 from rdmaproxy.verbs.device import VerbsDevice
@@ -55,6 +56,27 @@ def create_rc_qp(
     return qpm.QP(device.pd, init)
 
 
+class RegisteredBuffer:
+    """Anonymous memory registered as one MR, with a writable memoryview over it.
+
+    Sockets read into ``view`` (``os.readv``) and work requests send from ``address``: the
+    payload is never a Python ``bytes`` object.
+    """
+
+    def __init__(self, device: VerbsDevice, size: int) -> None:
+        self._memory = PinnedPool(size, lock=False)  # registration pins the pages itself
+        self.address = self._memory.address
+        self.size = size
+        self.view = memoryview(self._memory.buffer)
+        self.mr: Any = register_memory(device, self.address, size)
+        self.lkey: int = self.mr.lkey
+
+    def close(self) -> None:
+        self.mr.close()
+        self.view.release()
+        self._memory.close()
+
+
 class SendQueue:
     """Posts RDMA WRITE (with immediate), RDMA READ and SEND through one reused work request."""
 
@@ -65,28 +87,26 @@ class SendQueue:
         self.wr: Any = wr.SendWR(num_sge=1, sg=[self.sge])
         # point the WR at our SGE so that rewriting the SGE rewrites the WR's scatter entry
         self.wr.sg_list = self.sge
+        e = pv().enums
+        self._signaled = int(e.IBV_SEND_SIGNALED)
+        self._inline = int(e.IBV_SEND_INLINE)
 
     def _post(
         self, opcode: int, wr_id: int, addr: int, length: int, lkey: int, *,
-        signaled: bool, inline: bool = False, imm: int | None = None,
+        signaled: bool, inline: bool = False, imm: int = 0,
         remote: tuple[int, int] | None = None,
     ) -> None:
-        e = pv().enums
-        self.sge.addr = addr
-        self.sge.length = length
-        self.sge.lkey = lkey
-        self.wr.wr_id = wr_id
-        self.wr.opcode = opcode
-        flags = 0
-        if signaled:
-            flags |= e.IBV_SEND_SIGNALED
-        if inline:
-            flags |= e.IBV_SEND_INLINE
-        self.wr.send_flags = flags
-        self.wr.imm_data = imm or 0
+        sge, wr = self.sge, self.wr
+        sge.addr = addr
+        sge.length = length
+        sge.lkey = lkey
+        wr.wr_id = wr_id
+        wr.opcode = opcode
+        wr.send_flags = (self._signaled if signaled else 0) | (self._inline if inline else 0)
+        wr.imm_data = imm
         if remote is not None:
-            self.wr.set_wr_rdma(remote[1], remote[0])
-        self.qp.post_send(self.wr)
+            wr.set_wr_rdma(remote[1], remote[0])
+        self.qp.post_send(wr)
 
     def write(
         self, wr_id: int, addr: int, length: int, lkey: int, remote_addr: int, rkey: int, *,

@@ -10,7 +10,6 @@ import random
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -19,6 +18,7 @@ from python_socks import ProxyError, ProxyType
 from python_socks.async_.trio.v2 import Proxy
 from rxe_topology import RxePair
 
+from rdmaproxy.config import ServeConfig
 from rdmaproxy.node import RdmaNode
 from rdmaproxy.pool import SlotAllocator
 from rdmaproxy.registry import Registry
@@ -33,9 +33,9 @@ def make_config(
     listen: tuple[str, int], peers: list[tuple[str, int]], secret: bytes, pool_size: int = 32 * MiB
 ) -> Any:
     # 64 KiB rings: the 3 MiB echo wraps each ring ~50 times; 32 MiB holds ~500 streams
-    return SimpleNamespace(
-        listen=listen, peers=peers, pool_size=pool_size, ring_size=64 * 1024, secret=secret,
-        connect_timeout=10.0,
+    return ServeConfig(
+        listen=listen, peers=tuple(peers), pool_size=pool_size, ring_size=64 * 1024,
+        secret=secret, connect_timeout=10.0,
     )
 
 

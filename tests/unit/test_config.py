@@ -153,6 +153,7 @@ def test_rdma_config(secret_file: Path, tmp_path: Path) -> None:
             "--users", str(users),
             "--pool-size", "16MiB",
             "--ring-size", "64K",
+            "--chunk-size", "16K",
             "--name", "node-a",
             "--admin-socket", str(tmp_path / "a.sock"),
             "--handshake-timeout", "2.5",
@@ -166,7 +167,7 @@ def test_rdma_config(secret_file: Path, tmp_path: Path) -> None:
     assert cfg.secret == b"s3cret" and cfg.secret_file == secret_file
     assert "s3cret" not in repr(cfg)
     assert cfg.users is not None and cfg.users.check(b"alice", b"wonder land")
-    assert (cfg.pool_size, cfg.ring_size) == (16 << 20, 64 << 10)
+    assert (cfg.pool_size, cfg.ring_size, cfg.chunk_size) == (16 << 20, 64 << 10, 16 << 10)
     assert cfg.name == "node-a" and cfg.admin_socket == tmp_path / "a.sock"
     assert (cfg.handshake_timeout, cfg.connect_timeout) == (2.5, 3.0)
     assert cfg.log_level == "DEBUG" and cfg.mode == "rdma"
@@ -205,6 +206,8 @@ BAD = [
     ([*S, "--ring-size", "3000"], "argument --ring-size: must be a power of two"),
     ([*S, "--ring-size", "2K"], "argument --ring-size: must be a power of two"),
     ([*S, "--ring-size", "4G"], "argument --ring-size: must be a power of two"),
+    ([*S, "--chunk-size", "1K"], "argument --chunk-size: must be from 4 KiB to 1 MiB"),
+    ([*S, "--chunk-size", "2M"], "argument --chunk-size: must be from 4 KiB to 1 MiB"),
     (["--listen", "foo:1"], "argument --listen: 'foo' is not an IP address"),
     (["--listen", "10.0.0.1:0"], "argument --listen: port 0 is out of range"),
     (["--listen", "10.0.0.1:7471"], "argument --secret-file: is required"),

@@ -433,7 +433,7 @@ def test_tail_updates_are_sparse() -> None:
 
 
 def test_blocked_sender_gets_tail_after_first_drained_byte() -> None:
-    """HEAD_WANT_TAIL: a sender that fills the ring hears back after any drain, not 1/8."""
+    """DATA_WANT_TAIL: a sender that fills the ring hears back after any drain, not 1/8."""
     pair = _Pair(64, 0, 16, 1000, seed=2)
     while pair.write(16):
         pass

@@ -282,7 +282,7 @@ def test_imm_round_trip(kind: ImmKind, slot: int) -> None:
 
 
 def test_imm_known_values() -> None:
-    assert encode_imm(ImmKind.HEAD, 5) == socket.htonl(0x10000005)
+    assert encode_imm(ImmKind.DATA, 5) == socket.htonl(0x10000005)
     assert encode_imm(2, 0) == socket.htonl(0x20000000)
     assert decode_imm(socket.htonl(0x3FFFFFFF)) == (ImmKind.TAIL, MAX_IMM_SLOT)
     if sys.byteorder == "little":
@@ -293,9 +293,9 @@ def test_imm_errors() -> None:
     with pytest.raises(ValueError, match="unknown immediate kind"):
         encode_imm(0, 1)
     with pytest.raises(ValueError, match="28 bits"):
-        encode_imm(ImmKind.HEAD, MAX_IMM_SLOT + 1)
+        encode_imm(ImmKind.DATA, MAX_IMM_SLOT + 1)
     with pytest.raises(ValueError, match="28 bits"):
-        encode_imm(ImmKind.HEAD, -1)
+        encode_imm(ImmKind.DATA, -1)
     with pytest.raises(WireError, match="unknown immediate kind 0"):
         decode_imm(socket.htonl(0x00000001))
     with pytest.raises(WireError, match="unknown immediate kind 15"):
@@ -343,7 +343,7 @@ def test_private_data_padding_ignored() -> None:
         (b"", "no rdma_cm private data"),
         (b"RDPX\x01\x00", "too short"),
         (b"XXXX" + bytes(18), "magic b'XXXX'.*not an rdmaproxy node"),
-        (b"RDPX\x02\x00" + bytes(16), "version 2, this node speaks 1"),
+        (b"RDPX\x03\x00" + bytes(16), "version 3, this node speaks 2"),
     ],
 )
 def test_private_data_errors(raw: bytes | None, match: str) -> None:
