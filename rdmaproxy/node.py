@@ -80,6 +80,8 @@ STAGING_BYTES = 4 * 1024 * 1024
 MIN_STAGING_CHUNKS = 8
 #: At most this many send requests in a row go unsignaled (send_window.py).
 SIGNAL_EVERY = 16
+#: Chunks one splice_from_socket call may move before letting other tasks run.
+SPLICE_BUDGET = 4
 TAIL_FIELD = 8  # the peer_tail cursor's offset in a control block
 RECV_WR_BASE = 1 << 62  # receive wr_ids; send wr_ids are sequence numbers far below it
 _U64 = struct.Struct("<Q")
@@ -199,36 +201,57 @@ class RingStream(trio.abc.HalfCloseableStream):
         await trio.lowlevel.checkpoint()
 
     async def splice_from_socket(self, sock: trio.socket.SocketType) -> int:
-        """Move what ``sock`` has (up to one chunk) into the peer's ring; 0 at the socket's EOF.
+        """Move what ``sock`` has into the peer's ring; 0 at the socket's EOF.
 
-        Waits for ring space first (backpressure: a full ring leaves the socket unread).
-        Socket failures raise SpliceSocketError; stream failures BrokenResourceError.
+        Waits for ring space first (backpressure: a full ring leaves the socket unread), then
+        reads chunk after chunk while the socket has data, up to SPLICE_BUDGET chunks per call
+        so other streams get their turn. Socket failures raise SpliceSocketError; stream
+        failures BrokenResourceError.
         """
         fd = sock.fileno()
+        link = self.link
+        moved = 0
         async with self._send_lock:
             while True:
                 await self._wait_ring_space()
-                chunk = await self.link.take_staging()
-                try:
-                    self._check_sendable()
-                    target = self.link.staging_chunk(chunk)[: self._writable_now()]
-                    n = os.readv(fd, [target])
-                except BlockingIOError:
-                    self.link.give_back_staging(chunk)
-                    await self._wait_socket(trio.lowlevel.wait_readable, sock)
-                    continue
-                except OSError as exc:
-                    self.link.give_back_staging(chunk)
-                    raise SpliceSocketError(f"reading the socket: {exc}") from exc
-                except BaseException:
-                    self.link.give_back_staging(chunk)
-                    raise
-                if n == 0:
-                    self.link.give_back_staging(chunk)
+                chunk = await link.take_staging()
+                n = self._read_into_staging(fd, chunk)
+                if n is not None:
                     break
-                self.link.post_data(self, chunk, n)
-                break
+                await self._wait_socket(trio.lowlevel.wait_readable, sock)
+            moved = n
+            # more while the socket keeps filling whole chunks and nothing needs waiting for
+            budget = SPLICE_BUDGET - 1
+            while budget and n == link.chunk_size and self.send_ring.free and link.staging_free:
+                budget -= 1
+                n = self._read_into_staging(fd, link.staging_free.pop())
+                if not n:
+                    break
+                moved += n
         await trio.lowlevel.checkpoint()
+        return moved
+
+    def _read_into_staging(self, fd: int, chunk: int) -> int | None:
+        """Read the socket into staging ``chunk`` and post it; None if the socket had nothing.
+
+        The chunk is given back unless a WRITE now holds it.
+        """
+        try:
+            self._check_sendable()
+            n = os.readv(fd, [self.link.staging_chunk(chunk)[: self._writable_now()]])
+        except BlockingIOError:
+            self.link.give_back_staging(chunk)
+            return None
+        except OSError as exc:
+            self.link.give_back_staging(chunk)
+            raise SpliceSocketError(f"reading the socket: {exc}") from exc
+        except BaseException:
+            self.link.give_back_staging(chunk)
+            raise
+        if n == 0:
+            self.link.give_back_staging(chunk)
+        else:
+            self.link.post_data(self, chunk, n)
         return n
 
     async def wait_send_all_might_not_block(self) -> None:
@@ -296,8 +319,9 @@ class RingStream(trio.abc.HalfCloseableStream):
                     for view in views:
                         view.release()
                 self._consumed(n)
-                await trio.lowlevel.checkpoint()
-                return n
+                if self.recv_ring.readable:  # more is waiting: let other tasks run first
+                    await trio.lowlevel.checkpoint()
+                return n  # else the next call parks, which lets them run
             if self.recv_ring.fin_received:
                 self._after_drain()
                 await trio.lowlevel.checkpoint()

@@ -12,7 +12,8 @@ VENV=${RDMAPROXY_VENV:-$REPO/.venv}
 export RDMAPROXY_REQUIRE_RDMA=1
 
 APT_PACKAGES="qemu-system-x86 busybox-static rdma-core ibverbs-providers ibverbs-utils
-  rdmacm-utils python3-pyverbs python3-venv perftest iproute2 kmod curl proxychains4 file"
+  rdmacm-utils python3-pyverbs python3-venv perftest iproute2 kmod curl proxychains4 file
+  microsocks python3-matplotlib"
 
 install_system() {
     local missing=()

@@ -2,9 +2,9 @@
 
 The wait loop is the classic one (request notification, re-poll to close the race, then sleep
 on the channel fd) so an idle proxy sleeps in the kernel instead of spinning. While traffic
-flows it polls adaptively: after a poll that found completions, the next few empty polls yield
+flows it polls adaptively: after a poll that found completions, the next empty poll yields
 to the other tasks (which post the next work) and poll again before arming, which saves the
-arm/epoll/read/ack round of a sleep per batch. An idle queue goes to sleep after those few.
+arm/epoll/read/ack round of a sleep per batch. An idle queue goes to sleep after that one.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from rdmaproxy.verbs.device import VerbsDevice
 
 _ACK_BATCH = 64
 #: Empty polls, each after a trip through trio's scheduler, before arming and sleeping.
-BUSY_POLL_ROUNDS = 3
+BUSY_POLL_ROUNDS = 1
 
 
 class CompletionError(RuntimeError):
