@@ -65,7 +65,7 @@ HostPort = tuple[str, int]
 
 DEFAULT_POOL_SIZE: Final = 64 * 1024 * 1024
 DEFAULT_RING_SIZE: Final = 1024 * 1024
-DEFAULT_CHUNK_SIZE: Final = 256 * 1024
+DEFAULT_CHUNK_SIZE: Final = 128 * 1024
 MIN_CHUNK_SIZE: Final = 4 * 1024
 MAX_CHUNK_SIZE: Final = 1024 * 1024
 DEFAULT_HANDSHAKE_TIMEOUT: Final = 10.0
@@ -351,7 +351,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_CHUNK_SIZE,
         type=_typed(parse_size, "size"),
         help="largest payload of one RDMA WRITE, from 4KiB to 1MiB and at most half the peer's "
-        "ring (default 256KiB). Soft-RoCE copies a WRITE while posting it, so larger chunks "
+        "ring (default 128KiB). Soft-RoCE copies a WRITE while posting it, so larger chunks "
         "stall the proxy longer; docs/performance.md shows the trade-off.",
     )
     parser.add_argument(

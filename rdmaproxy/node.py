@@ -13,6 +13,7 @@ the per-stream rules live in stream_state.py and are only driven from here.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import logging
@@ -20,7 +21,7 @@ import os
 import struct
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import trio
 
@@ -215,19 +216,21 @@ class RingStream(trio.abc.HalfCloseableStream):
             while True:
                 await self._wait_ring_space()
                 chunk = await link.take_staging()
-                n = self._read_into_staging(fd, chunk)
-                if n is not None:
-                    break
+                with link.batch():  # the writes of this call: one doorbell
+                    n = self._read_into_staging(fd, chunk)
+                    if n is not None:
+                        moved = n
+                        # more while the socket fills whole chunks and nothing needs waiting for
+                        budget = SPLICE_BUDGET - 1
+                        while (budget and n == link.chunk_size and self.send_ring.free
+                               and link.staging_free):
+                            budget -= 1
+                            n = self._read_into_staging(fd, link.staging_free.pop())
+                            if not n:
+                                break
+                            moved += n
+                        break
                 await self._wait_socket(trio.lowlevel.wait_readable, sock)
-            moved = n
-            # more while the socket keeps filling whole chunks and nothing needs waiting for
-            budget = SPLICE_BUDGET - 1
-            while budget and n == link.chunk_size and self.send_ring.free and link.staging_free:
-                budget -= 1
-                n = self._read_into_staging(fd, link.staging_free.pop())
-                if not n:
-                    break
-                moved += n
         await trio.lowlevel.checkpoint()
         return moved
 
@@ -387,7 +390,9 @@ class PeerLink:
         device = node.device
         self.cq = AsyncCompletionQueue(device, SEND_DEPTH + RECV_DEPTH)
         self.qp = create_rc_qp(device, self.cq, max_send_wr=SEND_DEPTH, max_recv_wr=RECV_DEPTH)
-        self.sq = SendQueue(self.qp)
+        self.sq = SendQueue(self.qp, batch_max=SPLICE_BUDGET * 2)
+        self._batching = 0
+        self.cancel_scope: trio.CancelScope | None = None
         self.window: SendWindow[int] = SendWindow(SEND_DEPTH, SIGNAL_EVERY)
         self.recvs = ReceiveSlots(device, RECV_DEPTH, wire.CTRL_MSG_MAX, RECV_WR_BASE)
         self.ctrl_out = SendSlots(device, CTRL_SEND_SLOTS, wire.CTRL_MSG_MAX)
@@ -443,11 +448,36 @@ class PeerLink:
         except SendQueueFull as exc:  # staging and ctrl slots bound it far below the depth
             raise trio.BrokenResourceError(f"send queue to {self.name}: {exc}") from None
         try:
-            self.sq._post(opcode, wr_id, addr, length, lkey, signaled=signaled, inline=inline,
-                          imm=imm, remote=remote)
+            self.sq.add(opcode, wr_id, addr, length, lkey, signaled=signaled, inline=inline,
+                        imm=imm, remote=remote)  # flushes by itself when the batch is full
+            if not self._batching:
+                self.sq.flush()
         except Exception as exc:
-            self.window.unpost(wr_id)
-            raise trio.BrokenResourceError(f"posting to {self.name} failed: {exc}") from exc
+            self._post_failed(exc)
+
+    def _post_failed(self, exc: Exception) -> NoReturn:
+        reason = f"posting a work request failed: {exc}"
+        self.fail(reason)
+        if self.cancel_scope is not None:  # tear the link down; the connect loop reconnects
+            self.cancel_scope.cancel()
+        raise trio.BrokenResourceError(f"peer {self.name}: {reason}") from exc
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """Requests posted inside go to the device together, with one doorbell, at the end.
+
+        Nothing inside may await: other tasks' requests would wait for the flush.
+        """
+        self._batching += 1
+        try:
+            yield
+        finally:
+            self._batching -= 1
+            if not self._batching:
+                try:
+                    self.sq.flush()
+                except Exception as exc:
+                    self._post_failed(exc)
 
     def post_data(self, stream: RingStream, chunk: int | None, n: int) -> None:
         """RDMA WRITE WITH IMMEDIATE ``n`` bytes of staging ``chunk`` at the peer's head.
@@ -503,15 +533,17 @@ class PeerLink:
         success = pv().enums.IBV_WC_SUCCESS
         recvs = self.recvs
         while True:
-            for wc in await self.cq.wait(64):
-                if wc.status != success:
-                    raise PeerGone(str(CompletionError(wc)))
-                wr_id = wc.wr_id
-                if recvs.owns(wr_id):
-                    self._on_receive(wc)
-                    recvs.post(self.qp, wr_id)
-                else:
-                    self._on_send_done(wr_id)
+            completions = await self.cq.wait(64)
+            with self.batch():  # tail updates and replies from this batch: one doorbell
+                for wc in completions:
+                    if wc.status != success:
+                        raise PeerGone(str(CompletionError(wc)))
+                    wr_id = wc.wr_id
+                    if recvs.owns(wr_id):
+                        self._on_receive(wc)
+                        recvs.post(self.qp, wr_id)
+                    else:
+                        self._on_send_done(wr_id)
 
     def _on_send_done(self, wr_id: int) -> None:
         try:
@@ -699,6 +731,7 @@ class RdmaNode:
         link.nonces = (nonce_c, nonce_a, other)
         try:
             async with trio.open_nursery() as nursery:
+                link.cancel_scope = nursery.cancel_scope
                 nursery.start_soon(self._watch_disconnect, link, nursery.cancel_scope)
                 nursery.start_soon(self._dispatch, link, nursery.cancel_scope)
                 self._hello(link, nonce_c, nonce_a, role)

@@ -726,7 +726,7 @@ class Plan:
 def make_plan(args: argparse.Namespace) -> Plan:
     quick = bool(args.quick)
     total = parse_size(args.total) if args.total else (16 if quick else 128) * MiB
-    default_chunks = "256K" if quick else "16K,32K,64K,128K,256K,512K"
+    default_chunks = "128K" if quick else "16K,32K,64K,128K,256K,512K"
     return Plan(
         quick=quick,
         bulk_total=total,
@@ -1164,9 +1164,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="directory for bench.json and bench.png (default bench-results/)")
     p.add_argument("--quick", action="store_true", help="shrink everything (smoke test)")
     p.add_argument("--chunk-sizes", help="chunk sizes to sweep (default "
-                   "16K,32K,64K,128K,256K,512K; --quick 256K)")
-    p.add_argument("--chunk-size", default="256K",
-                   help="--chunk-size of the proxies outside the sweep (default 256K, "
+                   "16K,32K,64K,128K,256K,512K; --quick 128K)")
+    p.add_argument("--chunk-size", default="128K",
+                   help="--chunk-size of the proxies outside the sweep (default 128K, "
                    "rdmaproxy's default)")
     p.add_argument("--total", help="bytes per bulk run, split across streams (default 128M; "
                    "--quick 16M)")

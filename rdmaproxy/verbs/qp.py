@@ -78,68 +78,109 @@ class RegisteredBuffer:
 
 
 class SendQueue:
-    """Posts RDMA WRITE (with immediate), RDMA READ and SEND through one reused work request."""
+    """Posts RDMA WRITE (with immediate), RDMA READ and SEND through reused work requests.
 
-    def __init__(self, qp: Any) -> None:
+    Requests are queued with `add` and reach the device with `flush`: one ``ibv_post_send``
+    (one doorbell) for up to ``batch_max`` of them. The WRs are linked once,
+    ``wr[0] -> wr[1] -> ... -> wr[n-1]`` (pyverbs can set ``next_wr`` but never clear it),
+    and a batch of ``k`` fills the last ``k`` and posts the chain from ``wr[n-k]``.
+    """
+
+    def __init__(self, qp: Any, batch_max: int = 8) -> None:
         wr = pv().wr
         self.qp = qp
-        self.sge: Any = wr.SGE(0, 0, 0)
-        self.wr: Any = wr.SendWR(num_sge=1, sg=[self.sge])
-        # point the WR at our SGE so that rewriting the SGE rewrites the WR's scatter entry
-        self.wr.sg_list = self.sge
+        self.batch_max = batch_max
+        self._sges: list[Any] = [wr.SGE(0, 0, 0) for _ in range(batch_max)]
+        self._wrs: list[Any] = [wr.SendWR(num_sge=1, sg=[sge]) for sge in self._sges]
+        for request, sge in zip(self._wrs, self._sges, strict=True):
+            # the WR's scatter entry becomes the SGE's memory: rewriting the SGE rewrites it
+            request.sg_list = sge
+        for request, following in zip(self._wrs, self._wrs[1:], strict=False):
+            request.next_wr = following
         e = pv().enums
         self._signaled = int(e.IBV_SEND_SIGNALED)
         self._inline = int(e.IBV_SEND_INLINE)
+        self._pending: list[tuple[int, int, int, int, int, int, int, tuple[int, int] | None]] = []
 
-    def _post(
+    @property
+    def pending(self) -> int:
+        """Requests added and not yet flushed."""
+        return len(self._pending)
+
+    def add(
         self, opcode: int, wr_id: int, addr: int, length: int, lkey: int, *,
         signaled: bool, inline: bool = False, imm: int = 0,
         remote: tuple[int, int] | None = None,
     ) -> None:
-        sge, wr = self.sge, self.wr
-        sge.addr = addr
-        sge.length = length
-        sge.lkey = lkey
-        wr.wr_id = wr_id
-        wr.opcode = opcode
-        wr.send_flags = (self._signaled if signaled else 0) | (self._inline if inline else 0)
-        wr.imm_data = imm
-        if remote is not None:
-            wr.set_wr_rdma(remote[1], remote[0])
-        self.qp.post_send(wr)
+        """Queue one request; a full batch is flushed at once."""
+        flags = (self._signaled if signaled else 0) | (self._inline if inline else 0)
+        self._pending.append((opcode, wr_id, addr, length, lkey, flags, imm, remote))
+        if len(self._pending) == self.batch_max:
+            self.flush()
+
+    def flush(self) -> None:
+        """Post every queued request with one ``ibv_post_send``."""
+        pending = self._pending
+        if not pending:
+            return
+        first = self.batch_max - len(pending)
+        for i, (opcode, wr_id, addr, length, lkey, flags, imm, remote) in enumerate(pending):
+            sge, wr = self._sges[first + i], self._wrs[first + i]
+            sge.addr = addr
+            sge.length = length
+            sge.lkey = lkey
+            wr.wr_id = wr_id
+            wr.opcode = opcode
+            wr.send_flags = flags
+            wr.imm_data = imm
+            if remote is not None:
+                wr.set_wr_rdma(remote[1], remote[0])
+        pending.clear()
+        self.qp.post_send(self._wrs[first])
+
+    def post(
+        self, opcode: int, wr_id: int, addr: int, length: int, lkey: int, *,
+        signaled: bool, inline: bool = False, imm: int = 0,
+        remote: tuple[int, int] | None = None,
+    ) -> None:
+        """Post one request now (with any queued before it)."""
+        self.add(opcode, wr_id, addr, length, lkey, signaled=signaled, inline=inline, imm=imm,
+                 remote=remote)
+        self.flush()
 
     def write(
         self, wr_id: int, addr: int, length: int, lkey: int, remote_addr: int, rkey: int, *,
         signaled: bool = False, inline: bool = False,
     ) -> None:
-        self._post(pv().enums.IBV_WR_RDMA_WRITE, wr_id, addr, length, lkey, signaled=signaled,
+        self.post(pv().enums.IBV_WR_RDMA_WRITE, wr_id, addr, length, lkey, signaled=signaled,
                    inline=inline, remote=(remote_addr, rkey))
 
     def write_imm(
         self, wr_id: int, addr: int, length: int, lkey: int, remote_addr: int, rkey: int,
         imm: int, *, signaled: bool = False, inline: bool = False,
     ) -> None:
-        self._post(pv().enums.IBV_WR_RDMA_WRITE_WITH_IMM, wr_id, addr, length, lkey,
+        self.post(pv().enums.IBV_WR_RDMA_WRITE_WITH_IMM, wr_id, addr, length, lkey,
                    signaled=signaled, inline=inline, imm=imm, remote=(remote_addr, rkey))
 
     def read(
         self, wr_id: int, addr: int, length: int, lkey: int, remote_addr: int, rkey: int, *,
         signaled: bool = True,
     ) -> None:
-        self._post(pv().enums.IBV_WR_RDMA_READ, wr_id, addr, length, lkey, signaled=signaled,
+        self.post(pv().enums.IBV_WR_RDMA_READ, wr_id, addr, length, lkey, signaled=signaled,
                    remote=(remote_addr, rkey))
 
     def send(
         self, wr_id: int, addr: int, length: int, lkey: int, *, signaled: bool = True,
         inline: bool = False,
     ) -> None:
-        self._post(pv().enums.IBV_WR_SEND, wr_id, addr, length, lkey, signaled=signaled,
+        self.post(pv().enums.IBV_WR_SEND, wr_id, addr, length, lkey, signaled=signaled,
                    inline=inline)
 
     def close(self) -> None:
-        # The WR's scatter list is now the SGE's memory: freeing the WR frees it (the WR's own
-        # first list, 16 bytes, is left behind once per queue).
-        self.wr.close()
+        # Each WR's scatter list is now its SGE's memory: freeing the WR frees it (the WR's own
+        # first list, 16 bytes, is left behind once per WR).
+        for wr in self._wrs:
+            wr.close()
 
 
 class ReceiveSlots:
