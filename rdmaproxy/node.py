@@ -83,6 +83,8 @@ MIN_STAGING_CHUNKS = 8
 SIGNAL_EVERY = 16
 #: Chunks one splice_from_socket call may move before letting other tasks run.
 SPLICE_BUDGET = 4
+#: 8-byte slots for tail values in flight inside one batch of requests (see post_tail).
+TAIL_SCRATCH_SLOTS = 512
 TAIL_FIELD = 8  # the peer_tail cursor's offset in a control block
 RECV_WR_BASE = 1 << 62  # receive wr_ids; send wr_ids are sequence numbers far below it
 _U64 = struct.Struct("<Q")
@@ -118,6 +120,8 @@ class RingStream(trio.abc.HalfCloseableStream):
         self._send_lot = trio.lowlevel.ParkingLot()
         self._socket_waits: set[trio.CancelScope] = set()
         self._asked_tail = False  # a DATA_WANT_TAIL is outstanding
+        self._eager_fd: int | None = None  # socket of a splice_to_socket parked on our ring
+        self._eager_count = 0  # bytes _deliver_eagerly wrote that the splice has not reported
         self.opened = trio.Event()
         self.refused_code: int | None = None
         self.broken: str | None = None  # reason once reset or lost
@@ -132,7 +136,8 @@ class RingStream(trio.abc.HalfCloseableStream):
         self.recv_ring.set_head(self.recv_ring.head + nbytes, want_tail=want_tail)
         if want_tail:
             self._maybe_send_tail()
-        self._recv_lot.unpark_all()
+        if not self._deliver_eagerly():
+            self._recv_lot.unpark_all()
 
     def peer_tail(self) -> None:
         tail = _U64.unpack_from(self.link.node.pool_view, self.ctrl_offset + TAIL_FIELD)[0]
@@ -303,33 +308,69 @@ class RingStream(trio.abc.HalfCloseableStream):
     async def splice_to_socket(self, sock: trio.socket.SocketType) -> int:
         """Write what the ring holds to ``sock`` straight from the pool; 0 after the peer's FIN.
 
-        Socket failures raise SpliceSocketError; stream failures BrokenResourceError.
+        While this waits for data, the dispatcher writes newly arrived data to ``sock`` itself
+        (`_deliver_eagerly`), which saves waking this task per chunk; those bytes are counted
+        in what the next call returns. Socket failures raise SpliceSocketError; stream
+        failures BrokenResourceError.
         """
         fd = sock.fileno()
         while True:
             if self.broken is not None:
                 raise trio.BrokenResourceError(f"stream reset: {self.broken}")
             if self.recv_ring.readable:
-                views = self._ring_views(None)
                 try:
-                    n = os.writev(fd, views)
+                    n = self._write_ring_to(fd)
                 except BlockingIOError:
                     await self._wait_socket(trio.lowlevel.wait_writable, sock)
                     continue
                 except OSError as exc:
                     raise SpliceSocketError(f"writing the socket: {exc}") from exc
-                finally:
-                    for view in views:
-                        view.release()
                 self._consumed(n)
+                n += self._take_eager_count()
                 if self.recv_ring.readable:  # more is waiting: let other tasks run first
                     await trio.lowlevel.checkpoint()
                 return n  # else the next call parks, which lets them run
+            if self._eager_count:
+                return self._take_eager_count()
             if self.recv_ring.fin_received:
                 self._after_drain()
                 await trio.lowlevel.checkpoint()
                 return 0
-            await self._recv_lot.park()
+            self._eager_fd = fd
+            try:
+                await self._recv_lot.park()
+            finally:
+                self._eager_fd = None
+
+    def _write_ring_to(self, fd: int) -> int:
+        """One ``writev`` of everything readable, straight from the pool; OSError as raised."""
+        views = self._ring_views(None)
+        try:
+            return os.writev(fd, views)
+        finally:
+            for view in views:
+                view.release()
+
+    def _take_eager_count(self) -> int:
+        n, self._eager_count = self._eager_count, 0
+        return n
+
+    def _deliver_eagerly(self) -> bool:
+        """Write new ring data to the parked splice's socket now; True if all of it went.
+
+        Only while `splice_to_socket` is parked on an empty ring (so nobody else writes that
+        socket); anything the socket does not take, or any error, is left to that task.
+        """
+        fd = self._eager_fd
+        if fd is None or self.broken is not None:
+            return False
+        try:
+            n = self._write_ring_to(fd)
+        except OSError:
+            return False
+        self._consumed(n)
+        self._eager_count += n
+        return not self.recv_ring.readable
 
     def _after_drain(self) -> None:
         if self.recv_ring.fully_drained and self.row.machine.shutdown_write_pending:
@@ -400,7 +441,8 @@ class PeerLink:
         self.chunk_size = self.chunk_stride = node.config.chunk_size
         n_chunks = max(MIN_STAGING_CHUNKS, STAGING_BYTES // self.chunk_stride)
         self.staging = RegisteredBuffer(device, n_chunks * self.chunk_stride)
-        self.scratch = RegisteredBuffer(device, 4096)  # the 8-byte tail values, sent inline
+        self.scratch = RegisteredBuffer(device, 8 * TAIL_SCRATCH_SLOTS)  # tail values (inline)
+        self._next_scratch = 0
         self.staging_free = list(range(n_chunks))
         self._staging_lot = trio.lowlevel.ParkingLot()
         self._opcodes = (int(pv().enums.IBV_WR_RDMA_WRITE_WITH_IMM), int(pv().enums.IBV_WR_SEND))
@@ -509,13 +551,19 @@ class PeerLink:
         peer_slot = stream.row.peer_slot
         if peer_slot is None:
             return
-        _U64.pack_into(self.scratch.view, 0, tail)  # inline: copied while posting
+        # Sent inline, so the value is copied when the batch is flushed, not now: each request
+        # of a batch needs its own 8 bytes (a batch holds far fewer than TAIL_SCRATCH_SLOTS).
+        offset = 8 * self._next_scratch
+        self._next_scratch = (self._next_scratch + 1) % TAIL_SCRATCH_SLOTS
+        _U64.pack_into(self.scratch.view, offset, tail)
         remote = self.remote.pool_addr + CTRL_BLOCK_SIZE * peer_slot + TAIL_FIELD
-        self._post(self._opcodes[0], None, self.scratch.address, 8, self.scratch.lkey,
+        self._post(self._opcodes[0], None, self.scratch.address + offset, 8, self.scratch.lkey,
                    remote=(remote, self.remote.rkey),
                    imm=wire.encode_imm(wire.ImmKind.TAIL, peer_slot), inline=True)
 
     def post_ctrl(self, message: wire.Message) -> None:
+        if self.dead is not None:
+            raise trio.BrokenResourceError(f"peer {self.name} lost: {self.dead}")
         if not self.ctrl_out.free:
             raise trio.BrokenResourceError(f"control messages to {self.name} backed up")
         slot = self.ctrl_out.free.pop()

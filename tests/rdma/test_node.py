@@ -278,3 +278,26 @@ async def test_peer_connection_is_re_established(rxe_pair: RxePair, rdma_port: i
                 while ingress.links:
                     await trio.sleep(0.05)
         nursery.cancel_scope.cancel()
+
+
+async def test_link_dropped_for_a_protocol_violation_comes_back(
+    rxe_pair: RxePair, rdma_port: int
+) -> None:
+    """A peer that breaks the protocol loses its connection; the ingress reconnects and new
+    streams flow again."""
+    async with proxied(rxe_pair, rdma_port) as (ingress, egress, socks_port):
+        async with tcp_target(echo) as target_port:
+            (old,) = ingress.links.values()
+            (egress_side,) = egress.links.values()
+            egress_side.post_ctrl(egress_side.remote)  # a second HELLO is a violation
+            with trio.fail_after(60):
+                while not any(link is not old and link.ready.is_set() and link.dead is None
+                              for link in ingress.links.values()):
+                    await trio.sleep(0.05)
+            assert old.dead is not None and "second HELLO" in old.dead
+            stream = await socks_connect(socks_port, "127.0.0.1", target_port)
+            await stream.send_all(b"ping")
+            await stream.send_eof()
+            assert await receive_all(stream) == b"ping"
+            await stream.aclose()
+            await wait_idle(ingress, egress)
