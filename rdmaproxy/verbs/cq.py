@@ -1,10 +1,11 @@
 """A completion queue whose completions are awaited through its completion channel's fd.
 
 The wait loop is the classic one (request notification, re-poll to close the race, then sleep
-on the channel fd) so an idle proxy sleeps in the kernel instead of spinning. While traffic
-flows it polls adaptively: after a poll that found completions, the next empty poll yields
-to the other tasks (which post the next work) and poll again before arming, which saves the
-arm/epoll/read/ack round of a sleep per batch. An idle queue goes to sleep after that one.
+on the channel fd) so an idle proxy sleeps in the kernel instead of spinning. It can also poll
+adaptively while traffic flows: after a poll that found completions, the next
+``busy_poll_rounds`` empty polls first yield to the other tasks (which post the next work),
+which saves the arm/epoll/read/ack round of a sleep when more completions follow soon. The
+default is one round (BUSY_POLL_ROUNDS says why).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from rdmaproxy.verbs.device import VerbsDevice
 
 _ACK_BATCH = 64
 #: Empty polls, each after a trip through trio's scheduler, before arming and sleeping.
+#: Measured under TCG (docs/performance.md), 0 against 1 was inconclusive: an A/B with curl
+#: favoured 0 and a full benchmark run with 0 was the slowest of four, so it stays at 1.
 BUSY_POLL_ROUNDS = 1
 
 
@@ -37,7 +40,9 @@ class CompletionError(RuntimeError):
 class AsyncCompletionQueue:
     """One CQ plus its completion channel, for use from a single trio task."""
 
-    def __init__(self, device: VerbsDevice, depth: int) -> None:
+    def __init__(
+        self, device: VerbsDevice, depth: int, busy_poll_rounds: int = BUSY_POLL_ROUNDS
+    ) -> None:
         before = _native.open_fds()
         self.channel: Any = pv().cq.CompChannel(device.context)
         self.fd = _native.new_fd_matching(before, "infinibandevent")
@@ -47,6 +52,7 @@ class AsyncCompletionQueue:
         self._unacked = 0
         self._armed = False
         self._busy_rounds = 0
+        self._busy_poll_rounds = busy_poll_rounds
 
     def poll(self, max_entries: int = 32) -> list[Any]:
         """Completions available now (never blocks)."""
@@ -58,7 +64,7 @@ class AsyncCompletionQueue:
         while True:
             wcs = self.poll(max_entries)
             if wcs:
-                self._busy_rounds = BUSY_POLL_ROUNDS
+                self._busy_rounds = self._busy_poll_rounds
                 return wcs
             if self._busy_rounds:
                 self._busy_rounds -= 1
