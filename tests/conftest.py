@@ -1,7 +1,14 @@
-"""Shared pytest configuration: everything under tests/rdma needs real RDMA devices."""
+"""Shared pytest configuration.
+
+Everything under tests/rdma needs real RDMA devices. With RDMAPROXY_REQUIRE_RDMA=1 (as in CI
+and scripts/test.sh, which install everything the suite needs) no test may skip: a skip is
+reported as a failure with its reason, so a test that did not run can never pass CI.
+"""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,3 +20,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if RDMA_DIR in Path(str(item.fspath)).parents:
             item.add_marker(pytest.mark.rdma)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    if report.skipped and os.environ.get("RDMAPROXY_REQUIRE_RDMA") == "1":
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
+        report.outcome = "failed"
+        report.longrepr = f"skipped, which RDMAPROXY_REQUIRE_RDMA=1 does not allow: {reason}"
