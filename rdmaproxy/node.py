@@ -27,7 +27,7 @@ import trio
 
 from rdmaproxy import wire
 from rdmaproxy.errors import ProtocolViolation
-from rdmaproxy.pool import CTRL_BLOCK_SIZE, PinnedPool
+from rdmaproxy.pool import CTRL_BLOCK_SIZE, CTRL_PEER_TAIL_OFFSET, PinnedPool
 from rdmaproxy.registry import Registry, StreamRow
 from rdmaproxy.ring import ReceiverRing, SenderRing
 from rdmaproxy.send_window import SendQueueFull, SendWindow
@@ -85,7 +85,6 @@ SIGNAL_EVERY = 16
 SPLICE_BUDGET = 4
 #: 8-byte slots for tail values in flight inside one batch of requests (see post_tail).
 TAIL_SCRATCH_SLOTS = 512
-TAIL_FIELD = 8  # the peer_tail cursor's offset in a control block
 RECV_WR_BASE = 1 << 62  # receive wr_ids; send wr_ids are sequence numbers far below it
 _U64 = struct.Struct("<Q")
 
@@ -140,7 +139,8 @@ class RingStream(trio.abc.HalfCloseableStream):
             self._recv_lot.unpark_all()
 
     def peer_tail(self) -> None:
-        tail = _U64.unpack_from(self.link.node.pool_view, self.ctrl_offset + TAIL_FIELD)[0]
+        pool_view = self.link.node.pool_view
+        tail = _U64.unpack_from(pool_view, self.ctrl_offset + CTRL_PEER_TAIL_OFFSET)[0]
         self.send_ring.update_peer_tail(tail)
         self._asked_tail = False
         self._send_lot.unpark_all()
@@ -556,7 +556,7 @@ class PeerLink:
         offset = 8 * self._next_scratch
         self._next_scratch = (self._next_scratch + 1) % TAIL_SCRATCH_SLOTS
         _U64.pack_into(self.scratch.view, offset, tail)
-        remote = self.remote.pool_addr + CTRL_BLOCK_SIZE * peer_slot + TAIL_FIELD
+        remote = self.remote.pool_addr + CTRL_BLOCK_SIZE * peer_slot + CTRL_PEER_TAIL_OFFSET
         self._post(self._opcodes[0], None, self.scratch.address + offset, 8, self.scratch.lkey,
                    remote=(remote, self.remote.rkey),
                    imm=wire.encode_imm(wire.ImmKind.TAIL, peer_slot), inline=True)

@@ -25,7 +25,6 @@ from rdmaproxy.errors import PoolError
 
 __all__ = [
     "CTRL_BLOCK_SIZE",
-    "CTRL_HEAD_OFFSET",
     "CTRL_PEER_TAIL_OFFSET",
     "MAX_SLOTS",
     "MIN_RING_SIZE",
@@ -36,9 +35,9 @@ __all__ = [
     "format_size",
 ]
 
-#: One control block per slot (design.md): head u64 at 0, peer_tail u64 at 8, rest reserved.
+#: One control block per slot (design.md): peer_tail u64 at 8, the rest reserved (protocol 1
+#: kept the head at 0; protocol 2 counts it from WRITE WITH IMMEDIATE completions).
 CTRL_BLOCK_SIZE = 64
-CTRL_HEAD_OFFSET = 0
 CTRL_PEER_TAIL_OFFSET = 8
 #: The control area and the rings after it are aligned to this.
 PAGE_SIZE = 4096

@@ -84,15 +84,6 @@ class SendWindow(Generic[T]):
             self._held.append((self.posted, holds))
         return self.posted, signaled
 
-    def unpost(self, wr_id: int) -> None:
-        """Take back the request just accounted for, whose post failed."""
-        if wr_id != self.posted or wr_id <= self.completed:
-            raise ValueError(f"only the last posted request ({self.posted}) can be taken back")
-        if self._held and self._held[-1][0] == wr_id:
-            self._held.pop()
-        self.posted -= 1
-        self.unsignaled_run = max(0, self.unsignaled_run - 1)
-
     def complete(self, wr_id: int) -> list[T]:
         """A signaled request completed: retire it and all before it; return what they held.
 

@@ -46,16 +46,6 @@ def test_completions_outside_the_window_are_refused() -> None:
         window.complete(1)
 
 
-def test_unpost_takes_back_the_last_request() -> None:
-    window: SendWindow[int] = SendWindow(depth=4, signal_every=4)
-    window.post(1)
-    wr_id, _ = window.post(2)
-    window.unpost(wr_id)
-    assert window.posted == 1 and window.held() == [1] and window.unsignaled_run == 1
-    with pytest.raises(ValueError):
-        window.unpost(5)
-
-
 @pytest.mark.parametrize(("depth", "every"), [(0, 1), (4, 0), (4, 5)])
 def test_bad_parameters(depth: int, every: int) -> None:
     with pytest.raises(ValueError):
