@@ -63,9 +63,9 @@ __all__ = [
 #: (host, port). For ``--listen`` / ``--peer`` the host is an IP literal (IPv6 without brackets).
 HostPort = tuple[str, int]
 
-DEFAULT_POOL_SIZE: Final = 64 * 1024 * 1024
-DEFAULT_RING_SIZE: Final = 1024 * 1024
-DEFAULT_CHUNK_SIZE: Final = 128 * 1024
+DEFAULT_POOL_SIZE: Final = 256 * 1024 * 1024
+DEFAULT_RING_SIZE: Final = 4 * 1024 * 1024
+DEFAULT_CHUNK_SIZE: Final = 1024 * 1024
 MIN_CHUNK_SIZE: Final = 4 * 1024
 MAX_CHUNK_SIZE: Final = 1024 * 1024
 DEFAULT_HANDSHAKE_TIMEOUT: Final = 10.0
@@ -97,6 +97,9 @@ class ServeConfig:
     ring_size: int = DEFAULT_RING_SIZE
     #: Largest payload of one RDMA WRITE (and one socket read on the sending side).
     chunk_size: int = DEFAULT_CHUNK_SIZE
+    #: Post send requests from a thread of their own, through ctypes, without the GIL
+    #: (rdmaproxy/verbs/poster.py); False posts through pyverbs from the event loop.
+    post_thread: bool = False
     name: str = "rdmaproxy"
     #: Path of the admin socket; None: no admin socket (embedding, tests).
     admin_socket: Path | None = None
@@ -335,7 +338,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_POOL_SIZE,
         type=_typed(parse_size, "size"),
         help="bytes of pinned (mlocked) memory registered for the stream rings "
-        "(64M, 64MiB, 1G or bytes; default 64MiB). Each stream holds one ring on each node.",
+        "(64M, 64MiB, 1G or bytes; default 256MiB). Each stream holds one ring on each node.",
     )
     parser.add_argument(
         "--ring-size",
@@ -343,16 +346,25 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_RING_SIZE,
         type=_typed(parse_size, "size"),
         help="receive ring of each stream on this node: a power of two from 4KiB up to what "
-        "the pool holds (default 1MiB); the pool holds about pool-size/ring-size streams.",
+        "the pool holds (default 4MiB); the pool holds about pool-size/ring-size streams.",
     )
     parser.add_argument(
         "--chunk-size",
         metavar="SIZE",
         default=DEFAULT_CHUNK_SIZE,
         type=_typed(parse_size, "size"),
-        help="largest payload of one RDMA WRITE, from 4KiB to 1MiB and at most half the peer's "
-        "ring (default 128KiB). Soft-RoCE copies a WRITE while posting it, so larger chunks "
-        "stall the proxy longer; docs/performance.md shows the trade-off.",
+        help="largest payload of one RDMA WRITE, from 4KiB to 1MiB and at most a quarter of "
+        "the peer's ring (default 1MiB). Fewer, larger WRITEs cost less CPU per byte; "
+        "docs/performance.md measures the trade-off.",
+    )
+    parser.add_argument(
+        "--post-thread",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="post RDMA send requests from a thread of their own, through ctypes and without "
+        "holding Python's GIL (default: off, post through pyverbs from the event loop). "
+        "Soft-RoCE copies a WRITE inside the post, so on a host with idle cores the thread "
+        "lets the proxy read sockets meanwhile; docs/performance.md has the measurements.",
     )
     parser.add_argument(
         "--name",
@@ -521,6 +533,7 @@ def config_from_args(ns: argparse.Namespace, parser: argparse.ArgumentParser) ->
         pool_size=pool_size,
         ring_size=ring_size,
         chunk_size=chunk_size,
+        post_thread=ns.post_thread,
         name=name,
         admin_socket=admin_socket,
         handshake_timeout=ns.handshake_timeout,

@@ -59,6 +59,7 @@ from rdmaproxy.verbs._pyverbs import pv
 from rdmaproxy.verbs.cm import ConnectionManager, ConnectionRequest, RCConnection
 from rdmaproxy.verbs.cq import AsyncCompletionQueue, CompletionError
 from rdmaproxy.verbs.device import VerbsDevice
+from rdmaproxy.verbs.poster import ThreadedPoster
 from rdmaproxy.verbs.qp import (
     ReceiveSlots,
     RegisteredBuffer,
@@ -84,9 +85,16 @@ SIGNAL_EVERY = 16
 #: Chunks one splice_from_socket call may move before letting other tasks run.
 SPLICE_BUDGET = 4
 #: 8-byte slots for tail values in flight inside one batch of requests (see post_tail).
-TAIL_SCRATCH_SLOTS = 512
+TAIL_SCRATCH_SLOTS = SEND_DEPTH
 RECV_WR_BASE = 1 << 62  # receive wr_ids; send wr_ids are sequence numbers far below it
 _U64 = struct.Struct("<Q")
+
+
+def _call_soon(token: trio.lowlevel.TrioToken, fn: Any, *args: Any) -> None:
+    try:
+        token.run_sync_soon(fn, *args)
+    except trio.RunFinishedError:
+        pass
 
 
 def _fmt(address: tuple[str, int]) -> str:
@@ -118,7 +126,7 @@ class RingStream(trio.abc.HalfCloseableStream):
         self._recv_lot = trio.lowlevel.ParkingLot()
         self._send_lot = trio.lowlevel.ParkingLot()
         self._socket_waits: set[trio.CancelScope] = set()
-        self._asked_tail = False  # a DATA_WANT_TAIL is outstanding
+        self.asked_tail = False  # a DATA_WANT_TAIL is outstanding
         self._eager_fd: int | None = None  # socket of a splice_to_socket parked on our ring
         self._eager_count = 0  # bytes _deliver_eagerly wrote that the splice has not reported
         self.opened = trio.Event()
@@ -142,7 +150,7 @@ class RingStream(trio.abc.HalfCloseableStream):
         pool_view = self.link.node.pool_view
         tail = _U64.unpack_from(pool_view, self.ctrl_offset + CTRL_PEER_TAIL_OFFSET)[0]
         self.send_ring.update_peer_tail(tail)
-        self._asked_tail = False
+        self.asked_tail = False
         self._send_lot.unpark_all()
 
     def peer_fin(self, final_head: int) -> None:
@@ -181,7 +189,7 @@ class RingStream(trio.abc.HalfCloseableStream):
             self._check_sendable()
             if self.send_ring.free:
                 return
-            if not self._asked_tail:  # never wait for space without having asked for it
+            if not self.asked_tail:  # never wait for space without having asked for it
                 self.link.post_data(self, None, 0)
             await self._send_lot.park()
 
@@ -244,23 +252,21 @@ class RingStream(trio.abc.HalfCloseableStream):
 
         The chunk is given back unless a WRITE now holds it.
         """
+        handed_over = False
         try:
             self._check_sendable()
             n = os.readv(fd, [self.link.staging_chunk(chunk)[: self._writable_now()]])
+            if n:
+                handed_over = True  # post_data owns the chunk now (and gives it back on failure)
+                self.link.post_data(self, chunk, n)
+            return n
         except BlockingIOError:
-            self.link.give_back_staging(chunk)
             return None
         except OSError as exc:
-            self.link.give_back_staging(chunk)
             raise SpliceSocketError(f"reading the socket: {exc}") from exc
-        except BaseException:
-            self.link.give_back_staging(chunk)
-            raise
-        if n == 0:
-            self.link.give_back_staging(chunk)
-        else:
-            self.link.post_data(self, chunk, n)
-        return n
+        finally:
+            if not handed_over:
+                self.link.give_back_staging(chunk)
 
     async def wait_send_all_might_not_block(self) -> None:
         while self.send_ring.free == 0 and self.broken is None:
@@ -431,13 +437,19 @@ class PeerLink:
         device = node.device
         self.cq = AsyncCompletionQueue(device, SEND_DEPTH + RECV_DEPTH)
         self.qp = create_rc_qp(device, self.cq, max_send_wr=SEND_DEPTH, max_recv_wr=RECV_DEPTH)
-        self.sq = SendQueue(self.qp, batch_max=SPLICE_BUDGET * 2)
+        poster = None
+        if node.config.post_thread:
+            token = trio.lowlevel.current_trio_token()
+            poster = ThreadedPoster(
+                self.qp, lambda reason: _call_soon(token, self._post_failed_later, reason))
+        self.sq = SendQueue(self.qp, batch_max=SPLICE_BUDGET * 2, poster=poster)
         self._batching = 0
         self.cancel_scope: trio.CancelScope | None = None
         self.window: SendWindow[int] = SendWindow(SEND_DEPTH, SIGNAL_EVERY)
         self.recvs = ReceiveSlots(device, RECV_DEPTH, wire.CTRL_MSG_MAX, RECV_WR_BASE)
         self.ctrl_out = SendSlots(device, CTRL_SEND_SLOTS, wire.CTRL_MSG_MAX)
-        # chunk_size is capped at half the peer's ring once its HELLO is in (on_message)
+        # chunk_size is capped at a quarter of the peer's ring once its HELLO is in (on_message):
+        # four WRITEs in flight keep the pipe full while the first drains
         self.chunk_size = self.chunk_stride = node.config.chunk_size
         n_chunks = max(MIN_STAGING_CHUNKS, STAGING_BYTES // self.chunk_stride)
         self.staging = RegisteredBuffer(device, n_chunks * self.chunk_stride)
@@ -504,6 +516,11 @@ class PeerLink:
             self.cancel_scope.cancel()
         raise trio.BrokenResourceError(f"peer {self.name}: {reason}") from exc
 
+    def _post_failed_later(self, reason: str) -> None:
+        self.fail(f"posting a work request failed: {reason}")
+        if self.cancel_scope is not None:
+            self.cancel_scope.cancel()
+
     @contextlib.contextmanager
     def batch(self) -> Iterator[None]:
         """Requests posted inside go to the device together, with one doorbell, at the end.
@@ -545,7 +562,7 @@ class PeerLink:
         ring.advance_head(n)
         stream.row.record_sent(n)
         if want_tail:
-            stream._asked_tail = True
+            stream.asked_tail = True
 
     def post_tail(self, stream: RingStream, tail: int) -> None:
         peer_slot = stream.row.peer_slot
@@ -833,7 +850,7 @@ class RdmaNode:
             else:
                 # Ready at once, in the dispatcher: an OPEN may follow in the same batch.
                 link.remote = message
-                link.chunk_size = min(link.chunk_stride, message.ring_size // 2)
+                link.chunk_size = min(link.chunk_stride, message.ring_size // 4)
                 link.ready.set()
                 self.links[link.name] = link
                 self.peer_state[link.name] = "up"

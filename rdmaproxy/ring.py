@@ -80,7 +80,9 @@ def _check_max_bytes(max_bytes: int | None) -> None:
         raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
 
 
-@attrs.define(slots=True)
+# on_setattr NO_OP: ring_size is validated once, at construction; the cursors move on the hot
+# path and their methods check them, so assignments need no attrs hook.
+@attrs.define(slots=True, on_setattr=attrs.setters.NO_OP)
 class SenderRing:
     """The sender's view of the peer's ring for one stream direction.
 
@@ -170,7 +172,7 @@ class SenderRing:
         return self.free < chunk_size
 
 
-@attrs.define(slots=True)
+@attrs.define(slots=True, on_setattr=attrs.setters.NO_OP)
 class ReceiverRing:
     """The receiver's view of its own ring for one stream direction.
 

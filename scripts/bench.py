@@ -136,12 +136,17 @@ def send_pattern(sock: socket.socket, length: int) -> None:
 
 
 def sink(sock: socket.socket, length: int, crc: bool, bufsize: int = MiB) -> tuple[int, int]:
-    """recv_into one buffer until ``length`` bytes or EOF; returns (count, crc32 or 0)."""
+    """recv_into one buffer until ``length`` bytes or EOF; returns (count, crc32 or 0).
+
+    MSG_WAITALL: each call returns with a full buffer (or at EOF), so the kernel gathers the
+    segments and this loop runs once per buffer, not once per wake-up. Under TCG a trip
+    through this Python loop costs far more than the kernel's wake-ups, and the sink shares
+    the two vCPUs with what it measures."""
     buf = bytearray(bufsize)
     view = memoryview(buf)
     got, value = 0, 0
     while got < length:
-        n = sock.recv_into(view, min(bufsize, length - got))
+        n = sock.recv_into(view, min(bufsize, length - got), socket.MSG_WAITALL)
         if n == 0:
             break
         if crc:
@@ -300,7 +305,9 @@ class Perftest:
         """Average BW of ``tool`` (ib_write_bw / ib_read_bw); perftest's MB/sec is 2**20 B/s
         (perftest_parameters.c divides by 0x100000; its --help says MiB=2^20 byte)."""
         count = ["-D", str(self.bw_seconds), "-f", str(self.margin)]
+        machine = SystemCpu()
         row = perftest_row(self._run(tool, size, count), 5)
+        cpu = machine.percent()
         if row[3] <= 0:  # nothing completed in the measured window: a stall, retry once
             log(f"{tool} {size}B completed nothing in {self.bw_seconds}s; retrying once")
             row = perftest_row(self._run(tool, size, count), 5)
@@ -308,7 +315,8 @@ class Perftest:
                 raise RuntimeError(f"{tool} {size}B: no operation completed in the measured "
                                    f"window twice (the device stalled)")
         result: dict[str, Any] = {"mib_s": row[3], "duration_s": self.bw_seconds,
-                                  "margin_s": self.margin, "iterations": int(row[1])}
+                                  "margin_s": self.margin, "iterations": int(row[1]),
+                                  "system_cpu_pct": cpu}
         if tool == "ib_read_bw":
             result["outstanding_reads"] = outstanding_reads(size)
         return result
@@ -569,6 +577,32 @@ def connect_rate(dial: Dialer, n: int) -> dict[str, float]:
 # Process accounting from /proc.
 
 
+class SystemCpu:
+    """Where the whole machine's CPU time went between two readings of /proc/stat.
+
+    The proxies, the source and sink, and rxe's softirq work all share the same CPUs here, so
+    a run that keeps them busy is limited by CPU, not by the data path's waiting."""
+
+    FIELDS = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
+
+    def __init__(self) -> None:
+        self.start = self._read()
+
+    @staticmethod
+    def _read() -> list[int]:
+        with open("/proc/stat") as f:
+            return [int(x) for x in f.readline().split()[1:9]]
+
+    def percent(self) -> dict[str, float]:
+        delta = [b - a for a, b in zip(self.start, self._read(), strict=True)]
+        total = sum(delta) or 1
+        pct = {name: round(100 * d / total, 1) for name, d in zip(self.FIELDS, delta,
+                                                                   strict=True)}
+        busy = 100 * (total - delta[3] - delta[4]) / total
+        return {"busy": round(busy, 1), "user": pct["user"] + pct["nice"],
+                "system": pct["system"], "softirq": pct["softirq"], "cpus": os.cpu_count() or 0}
+
+
 def cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
@@ -608,8 +642,7 @@ class ProxyDied(RuntimeError):
 class ProxyPair:
     children: Children
     workdir: Path
-    pool_size: str
-    chunk_size: str
+    tuning: list[str]  # --pool-size/--ring-size/--chunk-size/... given to both proxies
     rdma_port: int
     socks_port: int = 0
     env: dict[str, str] = field(default_factory=dict)
@@ -623,8 +656,7 @@ class ProxyPair:
         secret.chmod(0o600)
         self.env = dict(os.environ, RDMAPROXY_RUN_DIR=str(self.workdir / "run"))
         self.socks_port = free_port()
-        common = ["--secret-file", str(secret), "--pool-size", self.pool_size,
-                  "--chunk-size", self.chunk_size, "--log-level", "warning"]
+        common = ["--secret-file", str(secret), *self.tuning, "--log-level", "warning"]
         roles = {
             "egress": ["--listen", f"{IP_B}:{self.rdma_port}"],
             "ingress": ["--socks", f"127.0.0.1:{self.socks_port}",
@@ -681,9 +713,9 @@ class ProxyPair:
 
 
 @contextlib.contextmanager
-def proxy_pair(children: Children, workdir: Path, pool_size: str, chunk_size: str,
+def proxy_pair(children: Children, workdir: Path, tuning: list[str],
                rdma_port: int) -> Iterator[ProxyPair]:
-    pair = ProxyPair(children, workdir, pool_size, chunk_size, rdma_port)
+    pair = ProxyPair(children, workdir, tuning, rdma_port)
     try:
         pair.start()
         yield pair
@@ -720,13 +752,21 @@ class Plan:
     connections: int
     idle_seconds: float
     pool_size: str
+    ring_size: str
     chunk_size: str
+    compare: list[tuple[str, list[str]]]
+    rounds: int
+
+    def tuning(self, chunk_size: str | None = None) -> list[str]:
+        """The proxies' size options for the main runs (or for one point of the sweep)."""
+        return ["--pool-size", self.pool_size, "--ring-size", self.ring_size,
+                "--chunk-size", chunk_size or self.chunk_size]
 
 
 def make_plan(args: argparse.Namespace) -> Plan:
     quick = bool(args.quick)
     total = parse_size(args.total) if args.total else (16 if quick else 128) * MiB
-    default_chunks = "128K" if quick else "16K,32K,64K,128K,256K,512K"
+    default_chunks = "1M" if quick else "16K,64K,128K,256K,512K,1M"
     return Plan(
         quick=quick,
         bulk_total=total,
@@ -741,8 +781,20 @@ def make_plan(args: argparse.Namespace) -> Plan:
         connections=20 if quick else 200,
         idle_seconds=3.0 if quick else 10.0,
         pool_size=args.pool_size,
+        ring_size=args.ring_size,
         chunk_size=args.chunk_size,
+        compare=list(args.compare),
+        rounds=args.rounds,
     )
+
+
+def parse_variant(text: str) -> tuple[str, list[str]]:
+    """``NAME=OPTIONS`` of --compare: a label and extra `rdmaproxy serve` options."""
+    name, sep, options = text.partition("=")
+    if not sep or not re.fullmatch(r"[\w.+-]+", name):
+        raise argparse.ArgumentTypeError(
+            f"--compare wants NAME=OPTIONS (e.g. 'thread=--post-thread'), got {text!r}")
+    return name, options.split()
 
 
 def parse_size(text: str) -> int:
@@ -850,6 +902,7 @@ def proxied_bulk(pair: ProxyPair, target: Target, direction: str, streams: int,
     """One bulk run through the proxies, with the CPU each process spent on it."""
     dial = socks_dialer(("127.0.0.1", pair.socks_port), target.addr)
     before = load_cpu(pair, target)
+    machine = SystemCpu()
     try:
         result = bulk(dial, direction, streams, total, verify=streams == 1)
     except Exception:
@@ -857,6 +910,7 @@ def proxied_bulk(pair: ProxyPair, target: Target, direction: str, streams: int,
         raise
     after = load_cpu(pair, target)
     out = bulk_json(result)
+    out["system_cpu_pct"] = machine.percent()
     out["cpu_s"] = {n: round(after[n] - before[n], 2) for n in after}
     out["cpu_s_per_gib"] = {n: round((after[n] - before[n]) / (total / GiB), 1) for n in after}
     return out
@@ -872,7 +926,7 @@ def idle_cpu(pair: ProxyPair, seconds: float) -> dict[str, float]:
 
 def rdmaproxy_section(res: Results, children: Children, plan: Plan, work: Path,
                       target: Target) -> None:
-    with proxy_pair(children, work / "proxies", plan.pool_size, plan.chunk_size, 7471) as pair:
+    with proxy_pair(children, work / "proxies", plan.tuning(), 7471) as pair:
         via = socks_dialer(("127.0.0.1", pair.socks_port), target.addr)
         cpu_total: dict[str, float] = {}
         moved = 0
@@ -904,10 +958,46 @@ def sweep_section(res: Results, children: Children, plan: Plan, work: Path,
                   target: Target) -> None:
     for i, chunk in enumerate(plan.chunk_sizes):
         def one(c: str = chunk, port: int = 7480 + 2 * i) -> dict[str, Any]:
-            with proxy_pair(children, work / f"sweep-{c}", plan.pool_size, c, port) as pair:
+            with proxy_pair(children, work / f"sweep-{c}", plan.tuning(c), port) as pair:
                 return proxied_bulk(pair, target, "download", 1, plan.sweep_total)
 
         res.put(f"chunk_sweep.{parse_size(chunk)}", res.measure(f"chunk {chunk} download", one))
+
+
+def compare_section(res: Results, children: Children, plan: Plan, work: Path,
+                    target: Target) -> None:
+    """--compare: the variants' 1- and 8-stream downloads, alternating, ``plan.rounds`` times.
+
+    One variant after the other within each round, so that a slow spell of the machine (this
+    VM's speed drifts by ±10 % over minutes) falls on all of them alike."""
+    port = 7600
+    for r in range(plan.rounds):
+        for name, options in plan.compare:
+            port += 2
+
+            def one(opts: list[str] = options, p: int = port, label: str = f"{name}-{r}"
+                    ) -> dict[str, Any]:
+                with proxy_pair(children, work / f"compare-{label}", plan.tuning() + opts,
+                                p) as pair:
+                    return {str(n): proxied_bulk(pair, target, "download", n, plan.bulk_total)
+                            for n in (1, 8)}
+
+            got = res.measure(f"compare {name} round {r + 1}", one)
+            runs = res.doc.setdefault("compare", {}).setdefault(
+                name, {"options": options, "rounds": []})
+            runs["rounds"].append(got)
+
+
+def compare_rows(doc: dict[str, Any]) -> list[tuple[str, str]]:
+    rows: list[tuple[str, str]] = []
+    for name, runs in doc.get("compare", {}).items():
+        for n in ("1", "8"):
+            values = [r[n]["mib_s"] for r in runs["rounds"] if r]
+            text = " / ".join(f"{v:.2f}" for v in values)
+            mean = f"  mean {statistics.mean(values):.2f}" if values else ""
+            rows.append((f"{name} x{n} ({' '.join(runs['options']) or 'as above'})",
+                         f"{text} MiB/s{mean}"))
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1044,7 +1134,8 @@ def table_rows(doc: dict[str, Any], plan: Plan) -> list[tuple[str, str]]:
                      f"{fmt(get(doc, f'tcp.{key}.latency.p99_us'))} us"))
         rows.append((f"{label} connections/s (sequential)",
                      fmt(get(doc, f"tcp.{key}.connect.conn_per_s"))))
-    rows.append((f"== rdmaproxy (chunk {plan.chunk_size}, pool {plan.pool_size}, "
+    rows.append((f"== rdmaproxy (chunk {plan.chunk_size}, ring {plan.ring_size}, "
+                 f"pool {plan.pool_size}, "
                  f"{plan.bulk_total // MiB} MiB per run)", ""))
     for direction in ("download", "upload"):
         for n in plan.streams:
@@ -1053,6 +1144,14 @@ def table_rows(doc: dict[str, Any], plan: Plan) -> list[tuple[str, str]]:
     rows.append(("64 B latency p50 / p99", f"{fmt(get(doc, 'rdmaproxy.latency.p50_us'))} / "
                  f"{fmt(get(doc, 'rdmaproxy.latency.p99_us'))} us"))
     rows.append(("connections/s (sequential)", fmt(get(doc, "rdmaproxy.connect.conn_per_s"))))
+    for label, path in (("1-stream download", "rdmaproxy.bulk.download.1"),
+                        ("8-stream download", "rdmaproxy.bulk.download.8"),
+                        ("ib_write_bw 1 MiB (for comparison)", f"device.ib_write_bw.{MiB}")):
+        cpu = get(doc, f"{path}.system_cpu_pct")
+        if cpu:
+            rows.append((f"machine CPU during {label}",
+                         f"busy {cpu['busy']:.0f}% of {cpu['cpus']} (user {cpu['user']:.0f}, "
+                         f"sys {cpu['system']:.0f}, softirq {cpu['softirq']:.0f})"))
     for name in ("ingress", "egress"):
         rows.append((f"{name}: CPU s/GiB all bulk / 1-stream download",
                      f"{fmt(get(doc, f'rdmaproxy.cpu_s_per_gib.{name}'))} / "
@@ -1068,6 +1167,10 @@ def table_rows(doc: dict[str, Any], plan: Plan) -> list[tuple[str, str]]:
     for chunk in plan.chunk_sizes:
         rows.append((f"--chunk-size {chunk}",
                      fmt(get(doc, f"chunk_sweep.{parse_size(chunk)}.mib_s"), " MiB/s")))
+    if doc.get("compare"):
+        rows.append((f"== --compare (download, {plan.bulk_total // MiB} MiB, rounds alternate)",
+                     ""))
+        rows.extend(compare_rows(doc))
     rows.append(("== ratios (rdmaproxy 1-stream download / anchor)", ""))
     for key, value in doc.get("ratios", {}).items():
         if key != "compared":
@@ -1164,21 +1267,29 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="directory for bench.json and bench.png (default bench-results/)")
     p.add_argument("--quick", action="store_true", help="shrink everything (smoke test)")
     p.add_argument("--chunk-sizes", help="chunk sizes to sweep (default "
-                   "16K,32K,64K,128K,256K,512K; --quick 128K)")
-    p.add_argument("--chunk-size", default="128K",
-                   help="--chunk-size of the proxies outside the sweep (default 128K, "
+                   "16K,64K,128K,256K,512K,1M; --quick 1M)")
+    p.add_argument("--chunk-size", default="1M",
+                   help="--chunk-size of the proxies outside the sweep (default 1M, "
                    "rdmaproxy's default)")
+    p.add_argument("--ring-size", default="4M",
+                   help="--ring-size of both proxies (default 4M, rdmaproxy's default)")
     p.add_argument("--total", help="bytes per bulk run, split across streams (default 128M; "
                    "--quick 16M)")
-    p.add_argument("--pool-size", default="96M",
-                   help="--pool-size of both proxies (default 96M: 95 rings of 1 MiB, enough "
-                   "for 64 streams)")
+    p.add_argument("--pool-size", default="288M",
+                   help="--pool-size of both proxies (default 288M: 71 rings of 4 MiB, enough "
+                   "for 64 streams; rdmaproxy's default 256M holds 63)")
+    p.add_argument("--compare", action="append", default=[], metavar="NAME=OPTIONS",
+                   type=parse_variant,
+                   help="also run 1- and 8-stream downloads with extra `rdmaproxy serve` "
+                   "OPTIONS, alternating with the other variants --rounds times (e.g. "
+                   "--compare default= --compare thread=--post-thread); repeatable")
+    p.add_argument("--rounds", type=int, default=3, help="rounds of --compare (default 3)")
     p.add_argument("--skip", default="", help="comma list of sections to skip: device,rstream,"
                    "tcp,rdmaproxy,sweep")
     return p.parse_args(argv)
 
 
-SECTIONS = ("device", "rstream", "tcp", "rdmaproxy", "sweep")
+SECTIONS = ("device", "rstream", "tcp", "rdmaproxy", "sweep")  # and --compare
 
 
 def preflight(skip: set[str]) -> None:
@@ -1242,6 +1353,8 @@ def run(args: argparse.Namespace) -> int:
             res.measure("rdmaproxy", lambda: rdmaproxy_section(res, children, plan, work, target))
         if "sweep" not in skip:
             sweep_section(res, children, plan, work, target)
+        if plan.compare:
+            compare_section(res, children, plan, work, target)
     finally:
         children.close()
         keep_logs(work, out / "logs")

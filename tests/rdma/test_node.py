@@ -30,12 +30,13 @@ SECRET = b"test secret"
 
 
 def make_config(
-    listen: tuple[str, int], peers: list[tuple[str, int]], secret: bytes, pool_size: int = 32 * MiB
+    listen: tuple[str, int], peers: list[tuple[str, int]], secret: bytes,
+    pool_size: int = 32 * MiB, post_thread: bool = True,
 ) -> Any:
     # 64 KiB rings: the 3 MiB echo wraps each ring ~50 times; 32 MiB holds ~500 streams
     return ServeConfig(
         listen=listen, peers=tuple(peers), pool_size=pool_size, ring_size=64 * 1024,
-        secret=secret, connect_timeout=10.0,
+        secret=secret, connect_timeout=10.0, post_thread=post_thread,
     )
 
 
@@ -51,12 +52,14 @@ async def wait_for_peer(node: RdmaNode, timeout: float = 30) -> None:
 
 @asynccontextmanager
 async def proxied(
-    rxe: RxePair, port: int, *, ingress_pool: int = 32 * MiB, users: UserTable | None = None
+    rxe: RxePair, port: int, *, ingress_pool: int = 32 * MiB, users: UserTable | None = None,
+    post_thread: bool = True,
 ) -> AsyncIterator[tuple[RdmaNode, RdmaNode, int]]:
     """(ingress node, egress node, SOCKS port of the ingress)."""
-    egress = make_node(make_config((rxe.b.ip, port), [], SECRET))
+    egress = make_node(make_config((rxe.b.ip, port), [], SECRET, post_thread=post_thread))
     ingress = make_node(
-        make_config((rxe.a.ip, port + 1), [(rxe.b.ip, port)], SECRET, pool_size=ingress_pool)
+        make_config((rxe.a.ip, port + 1), [(rxe.b.ip, port)], SECRET, pool_size=ingress_pool,
+                    post_thread=post_thread)
     )
     async with trio.open_nursery() as nursery:
         await nursery.start(egress.run)
@@ -107,9 +110,14 @@ async def wait_idle(*nodes: RdmaNode) -> None:
             await trio.sleep(0.05)
 
 
-async def test_echo_with_half_close_and_clean_release(rxe_pair: RxePair, rdma_port: int) -> None:
+@pytest.mark.parametrize("post_thread", [True, False], ids=["thread-post", "pyverbs-post"])
+async def test_echo_with_half_close_and_clean_release(
+    rxe_pair: RxePair, rdma_port: int, post_thread: bool
+) -> None:
     payload = os.urandom(3 * MiB + 12345)  # many ring wraps
-    async with proxied(rxe_pair, rdma_port) as (ingress, egress, socks_port):
+    async with proxied(rxe_pair, rdma_port, post_thread=post_thread) as (
+        ingress, egress, socks_port
+    ):
         async with tcp_target(echo) as target_port:
             stream = await socks_connect(socks_port, "127.0.0.1", target_port)
             received = bytearray()
@@ -156,9 +164,14 @@ async def test_target_closes_first_while_client_keeps_sending(
             await wait_idle(ingress, egress)
 
 
-async def test_many_concurrent_streams(rxe_pair: RxePair, rdma_port: int) -> None:
+@pytest.mark.parametrize("post_thread", [True, False], ids=["thread-post", "pyverbs-post"])
+async def test_many_concurrent_streams(
+    rxe_pair: RxePair, rdma_port: int, post_thread: bool
+) -> None:
     rng = random.Random(7)
-    async with proxied(rxe_pair, rdma_port) as (ingress, egress, socks_port):
+    async with proxied(rxe_pair, rdma_port, post_thread=post_thread) as (
+        ingress, egress, socks_port
+    ):
         async with tcp_target(echo) as target_port:
 
             async def one(size: int) -> None:

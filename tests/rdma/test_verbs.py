@@ -20,6 +20,7 @@ from rdmaproxy.verbs._pyverbs import pv
 from rdmaproxy.verbs.cm import ConnectionManager, RCConnection, RDMAConnectError
 from rdmaproxy.verbs.cq import AsyncCompletionQueue, CompletionError
 from rdmaproxy.verbs.device import VerbsDevice
+from rdmaproxy.verbs.poster import ThreadedPoster
 from rdmaproxy.verbs.qp import ReceiveSlots, SendQueue, allocate_registered, create_rc_qp
 
 REGION = 1 << 20
@@ -55,13 +56,18 @@ class Side:
         return wc
 
 
-def make_side(device_name: str) -> Side:
+def make_side(device_name: str, threaded: bool = False) -> Side:
     device = VerbsDevice(device_name)
     cq = AsyncCompletionQueue(device, 256)
     qp = create_rc_qp(device, cq, max_send_wr=64, max_recv_wr=64)
     region = allocate_registered(device, REGION)
     recvs = ReceiveSlots(device, 16, 256, RECV_WR_BASE)
-    return Side(device, cq, qp, region, recvs, SendQueue(qp))
+
+    def post_failed(reason: str) -> None:
+        raise AssertionError(f"a post failed: {reason}")
+
+    poster = ThreadedPoster(qp, post_failed) if threaded else None
+    return Side(device, cq, qp, region, recvs, SendQueue(qp, poster=poster))
 
 
 def region_info(side: Side) -> bytes:
@@ -69,10 +75,13 @@ def region_info(side: Side) -> bytes:
 
 
 @asynccontextmanager
-async def connected_pair(rxe: RxePair, port: int) -> AsyncIterator[tuple[Side, Side]]:
-    """A (passive on node A, active on node B) pair of connected sides."""
+async def connected_pair(
+    rxe: RxePair, port: int, threaded: bool = False
+) -> AsyncIterator[tuple[Side, Side]]:
+    """A (passive on node A, active on node B) pair of connected sides; ``threaded``: both
+    post through a ThreadedPoster (ctypes, from a thread) instead of pyverbs."""
     cm_a, cm_b = ConnectionManager(), ConnectionManager()
-    a, b = make_side(rxe.a.device), make_side(rxe.b.device)
+    a, b = make_side(rxe.a.device, threaded), make_side(rxe.b.device, threaded)
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(cm_a.run)
@@ -109,9 +118,12 @@ async def connected_pair(rxe: RxePair, port: int) -> AsyncIterator[tuple[Side, S
         cm_b.close()
 
 
-async def test_rdma_write_with_immediate_read_and_send(rxe_pair: RxePair, rdma_port: int) -> None:
+@pytest.mark.parametrize("threaded", [False, True], ids=["pyverbs-post", "thread-post"])
+async def test_rdma_write_with_immediate_read_and_send(
+    rxe_pair: RxePair, rdma_port: int, threaded: bool
+) -> None:
     with trio.fail_after(60):
-        async with connected_pair(rxe_pair, rdma_port) as (a, b):
+        async with connected_pair(rxe_pair, rdma_port, threaded) as (a, b):
             payload = os.urandom(256 * 1024)
             b.region.write(payload, len(payload), 0)
 
@@ -135,7 +147,8 @@ async def test_rdma_write_with_immediate_read_and_send(rxe_pair: RxePair, rdma_p
             scratch.write(cursor, 8, 0)
             b.sq.write_imm(3, scratch.buf, 8, scratch.lkey, b.remote_addr + 64, b.remote_rkey,
                            socket.htonl(7), signaled=True, inline=True)
-            scratch.write(b"\0" * 8, 8, 0)  # inline: the value was captured at post time
+            if not threaded:  # pyverbs posts now, so inline data is captured at once; the
+                scratch.write(b"\0" * 8, 8, 0)  # poster thread may post it a little later
             wc_a = await a.completion()
             assert socket.ntohl(wc_a.imm_data) == 7
             assert a.region.read(8, 64) == cursor

@@ -131,12 +131,18 @@ def test_direct_defaults(run_dir: Path) -> None:
     assert cfg.listen is None and cfg.peers == () and cfg.secret is None
     assert cfg.mode == "direct" and not cfg.rdma
     assert cfg.users is None
-    assert cfg.pool_size == DEFAULT_POOL_SIZE == 64 << 20
-    assert cfg.ring_size == DEFAULT_RING_SIZE == 1 << 20
+    assert cfg.pool_size == DEFAULT_POOL_SIZE == 256 << 20
+    assert cfg.ring_size == DEFAULT_RING_SIZE == 4 << 20
+    assert cfg.chunk_size == 1 << 20 and not cfg.post_thread
     assert cfg.name == "127.0.0.1-1080"
     assert cfg.admin_socket == run_dir / "127.0.0.1-1080.sock"
     assert cfg.handshake_timeout == 10.0 and cfg.connect_timeout == 10.0
     assert cfg.log_level == "INFO"
+
+
+def test_post_thread_flag(run_dir: Path) -> None:
+    assert parse_serve_args(["--socks", "127.0.0.1:1080", "--post-thread"]).post_thread
+    assert not parse_serve_args(["--socks", "127.0.0.1:1080", "--no-post-thread"]).post_thread
 
 
 def test_rdma_config(secret_file: Path, tmp_path: Path) -> None:
