@@ -84,7 +84,9 @@ MIN_STAGING_CHUNKS = 8
 SIGNAL_EVERY = 16
 #: Chunks one splice_from_socket call may move before letting other tasks run.
 SPLICE_BUDGET = 4
-#: 8-byte slots for tail values in flight inside one batch of requests (see post_tail).
+#: 8-byte slots for tail values not yet posted (see post_tail): as many as the send window
+#: lets be outstanding, so a slot is never rewritten before the request that names it is
+#: posted, even when a poster thread (--post-thread) posts it some time after it was queued.
 TAIL_SCRATCH_SLOTS = SEND_DEPTH
 RECV_WR_BASE = 1 << 62  # receive wr_ids; send wr_ids are sequence numbers far below it
 _U64 = struct.Struct("<Q")
@@ -568,8 +570,8 @@ class PeerLink:
         peer_slot = stream.row.peer_slot
         if peer_slot is None:
             return
-        # Sent inline, so the value is copied when the batch is flushed, not now: each request
-        # of a batch needs its own 8 bytes (a batch holds far fewer than TAIL_SCRATCH_SLOTS).
+        # Sent inline, so the value is copied when the request is posted, not now: each
+        # request not yet posted needs its own 8 bytes (TAIL_SCRATCH_SLOTS says why enough).
         offset = 8 * self._next_scratch
         self._next_scratch = (self._next_scratch + 1) % TAIL_SCRATCH_SLOTS
         _U64.pack_into(self.scratch.view, offset, tail)
