@@ -748,7 +748,7 @@ class RdmaNode:
                     self.device, link.qp, peer, src_ip=self.config.listen[0],
                     private_data=wire.PrivateData(nonce=nonce).encode(),
                     on_qp_init=functools.partial(link.recvs.post_all, link.qp),
-                    timeout=self.config.connect_timeout,
+                    timeout=self.config.connect_timeout, ack_timeout=self.config.ack_timeout,
                 )
                 nonce_a = wire.decode_private_data(link.conn.remote_private_data).nonce
                 delay = 0.5
@@ -780,7 +780,7 @@ class RdmaNode:
             link.conn = await request.accept(
                 self.device, link.qp, private_data=wire.PrivateData(nonce=nonce_a).encode(),
                 on_qp_init=lambda: link.recvs.post_all(link.qp),
-                timeout=self.config.connect_timeout,
+                timeout=self.config.connect_timeout, ack_timeout=self.config.ack_timeout,
             )
         except OSError as exc:
             log.warning("accepting an RDMA connection failed: %s", exc)

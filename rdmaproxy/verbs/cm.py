@@ -196,8 +196,11 @@ class ConnectionManager:
         private_data: bytes = b"",
         on_qp_init: Callable[[], None] | None = None,
         timeout: float = 10.0,
+        ack_timeout: int | None = None,
     ) -> RCConnection:
-        """Connect ``qp`` (an RC QP in RESET, on ``device``) to a listener at ``dst``."""
+        """Connect ``qp`` (an RC QP in RESET, on ``device``) to a listener at ``dst``.
+
+        ``ack_timeout``: the QP's local ACK timeout exponent; None keeps rdma_cm's."""
         if len(private_data) > CONNECT_PRIVATE_DATA_MAX:
             raise ValueError(f"connect private data is limited to {CONNECT_PRIVATE_DATA_MAX} bytes")
         cmid, pointer, events = self.new_id()
@@ -226,7 +229,7 @@ class ConnectionManager:
                 cmid.connect(_conn_param(qp, private_data))
                 info = await _expect(events, CMEventType.CONNECT_RESPONSE, f"connecting to {where}")
                 _modify_qp(cmid, qp, pv().enums.IBV_QPS_RTR)
-                _modify_qp(cmid, qp, pv().enums.IBV_QPS_RTS)
+                _modify_qp(cmid, qp, pv().enums.IBV_QPS_RTS, ack_timeout)
                 cmid.establish()
         except trio.TooSlowError:
             self.release_id(cmid, pointer)
@@ -287,7 +290,9 @@ def _conn_param(qp: Any, private_data: bytes) -> Any:
     return param
 
 
-def _modify_qp(cmid: Any, qp: Any, state: int) -> None:
+def _modify_qp(cmid: Any, qp: Any, state: int, ack_timeout: int | None = None) -> None:
+    """Move ``qp`` to ``state`` with rdma_cm's attributes, plus ours: access flags, RNR retry
+    and, when given, the local ACK timeout (exponent) instead of rdma_cm's."""
     enums = pv().enums
     attr, mask = cmid.init_qp_attr(state)
     if state == enums.IBV_QPS_INIT:
@@ -300,6 +305,9 @@ def _modify_qp(cmid: Any, qp: Any, state: int) -> None:
     elif state == enums.IBV_QPS_RTS:
         attr.rnr_retry = 7  # an RNR (no receive posted yet) delays, it never fails the QP
         mask |= enums.IBV_QP_RNR_RETRY
+        if ack_timeout is not None:
+            attr.timeout = ack_timeout
+            mask |= enums.IBV_QP_TIMEOUT
     qp.modify(attr, mask)
 
 
@@ -335,6 +343,7 @@ class ConnectionRequest:
         private_data: bytes = b"",
         on_qp_init: Callable[[], None] | None = None,
         timeout: float = 10.0,
+        ack_timeout: int | None = None,
     ) -> RCConnection:
         if len(private_data) > ACCEPT_PRIVATE_DATA_MAX:
             raise ValueError(f"accept private data is limited to {ACCEPT_PRIVATE_DATA_MAX} bytes")
@@ -349,7 +358,7 @@ class ConnectionRequest:
             if on_qp_init is not None:
                 on_qp_init()
             _modify_qp(self.cmid, qp, pv().enums.IBV_QPS_RTR)
-            _modify_qp(self.cmid, qp, pv().enums.IBV_QPS_RTS)
+            _modify_qp(self.cmid, qp, pv().enums.IBV_QPS_RTS, ack_timeout)
             self.cmid.accept(_conn_param(qp, private_data))
             with trio.fail_after(timeout):
                 await _expect(self.events, CMEventType.ESTABLISHED, f"accepting {where}")

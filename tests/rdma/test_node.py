@@ -18,12 +18,13 @@ from python_socks import ProxyError, ProxyType
 from python_socks.async_.trio.v2 import Proxy
 from rxe_topology import RxePair
 
-from rdmaproxy.config import ServeConfig
+from rdmaproxy.config import DEFAULT_ACK_TIMEOUT, ServeConfig
 from rdmaproxy.node import RdmaNode
 from rdmaproxy.pool import SlotAllocator
 from rdmaproxy.registry import Registry
 from rdmaproxy.socks.server import serve_socks
 from rdmaproxy.socks.users import UserTable
+from rdmaproxy.verbs._pyverbs import pv
 
 MiB = 1 << 20
 SECRET = b"test secret"
@@ -193,6 +194,20 @@ async def test_many_concurrent_streams(
                     for _ in range(200):
                         nursery.start_soon(one, rng.randint(0, 200_000))
             await wait_idle(ingress, egress)
+
+
+async def test_links_use_the_configured_ack_timeout(rxe_pair: RxePair, rdma_port: int) -> None:
+    """Both ends of a peer link carry --ack-timeout (default 16), not rdma_cm's 19 (2.1 s
+    before a lost packet is re-sent)."""
+    async with proxied(rxe_pair, rdma_port) as (ingress, egress, _socks_port):
+        with trio.fail_after(30):
+            while not egress.links:
+                await trio.sleep(0.05)
+        enums = pv().enums
+        for node in (ingress, egress):
+            (link,) = node.links.values()
+            attr, _init = link.qp.query(enums.IBV_QP_TIMEOUT | enums.IBV_QP_RETRY_CNT)
+            assert attr.timeout == node.config.ack_timeout == DEFAULT_ACK_TIMEOUT
 
 
 async def test_reset_propagates_and_codes(rxe_pair: RxePair, rdma_port: int) -> None:

@@ -134,10 +134,19 @@ def test_direct_defaults(run_dir: Path) -> None:
     assert cfg.pool_size == DEFAULT_POOL_SIZE == 256 << 20
     assert cfg.ring_size == DEFAULT_RING_SIZE == 4 << 20
     assert cfg.chunk_size == 1 << 20 and not cfg.post_thread
+    assert cfg.ack_timeout == 16
     assert cfg.name == "127.0.0.1-1080"
     assert cfg.admin_socket == run_dir / "127.0.0.1-1080.sock"
     assert cfg.handshake_timeout == 10.0 and cfg.connect_timeout == 10.0
     assert cfg.log_level == "INFO"
+
+
+@pytest.mark.parametrize("value", ["0", "32", "-1", "x"])
+def test_bad_ack_timeout_names_the_option(value: str, run_dir: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        parse_serve_args(["--socks", "127.0.0.1:1080", "--ack-timeout", value])
+    assert "--ack-timeout" in capsys.readouterr().err
 
 
 def test_post_thread_flag(run_dir: Path) -> None:
