@@ -6,7 +6,8 @@ softirq of the same CPU. pyverbs keeps the GIL for the whole call, so the proxy'
 (socket reads, completions, the event loop) stops while rxe copies. `ThreadedPoster` calls the
 provider's ``post_send`` through ctypes, which releases the GIL, from one thread per queue
 pair: the event loop goes on filling the next chunk while rxe copies the last one. On a real
-RNIC the post is a doorbell and the thread costs little.
+RNIC the post is a doorbell and the thread gains little. It is off by default
+(``--post-thread``); docs/performance.md has the measurements.
 
 ``ibv_post_send`` is a static inline in ``<infiniband/verbs.h>``:
 ``qp->context->ops.post_send(qp, wr, bad_wr)``. The layouts used here (``struct ibv_qp``,
@@ -18,15 +19,13 @@ shared object the function lies in) so another layout fails loudly at link set-u
 from __future__ import annotations
 
 import ctypes
-import logging
+import os
 import queue
 import threading
 from collections.abc import Callable
 from typing import Any
 
 from rdmaproxy.verbs import _native
-
-log = logging.getLogger("rdmaproxy.verbs.poster")
 
 # struct ibv_qp { ibv_context *context; void *qp_context; ibv_pd *pd; ibv_cq *send_cq, *recv_cq;
 #                 ibv_srq *srq; uint32_t handle; uint32_t qp_num; ... }
@@ -192,8 +191,6 @@ def _build(batch: Batch) -> tuple[Any, Any]:
 
 
 def _errno_text(code: int) -> str:
-    import os
-
     try:
         return os.strerror(code)
     except ValueError:
