@@ -15,8 +15,8 @@ VENV=${RDMAPROXY_VENV:-$REPO/.venv}
 SIZE_MIB=${1:-64}
 
 inside() {
-    local work py
-    work=$(mktemp -d)
+    local py
+    work=$(mktemp -d)  # global: the EXIT trap runs after this function has returned
     py="$VENV/bin/python"
     export RDMAPROXY_RUN_DIR="$work/run"
     trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"' EXIT
