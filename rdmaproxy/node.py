@@ -512,13 +512,13 @@ class PeerLink:
             self._post_failed(exc)
 
     def _post_failed(self, exc: Exception) -> NoReturn:
-        reason = f"posting a work request failed: {exc}"
-        self.fail(reason)
-        if self.cancel_scope is not None:  # tear the link down; the connect loop reconnects
-            self.cancel_scope.cancel()
-        raise trio.BrokenResourceError(f"peer {self.name}: {reason}") from exc
+        self._post_failed_later(str(exc))
+        raise trio.BrokenResourceError(
+            f"peer {self.name}: posting a work request failed: {exc}") from exc
 
     def _post_failed_later(self, reason: str) -> None:
+        """A post failed (here, or in the poster thread): tear the link down; the connect
+        loop reconnects."""
         self.fail(f"posting a work request failed: {reason}")
         if self.cancel_scope is not None:
             self.cancel_scope.cancel()

@@ -1,11 +1,10 @@
 """A completion queue whose completions are awaited through its completion channel's fd.
 
 The wait loop is the classic one (request notification, re-poll to close the race, then sleep
-on the channel fd) so an idle proxy sleeps in the kernel instead of spinning. It can also poll
+on the channel fd) so an idle proxy sleeps in the kernel instead of spinning. It also polls
 adaptively while traffic flows: after a poll that found completions, the next
-``busy_poll_rounds`` empty polls first yield to the other tasks (which post the next work),
-which saves the arm/epoll/read/ack round of a sleep when more completions follow soon. The
-default is one round (BUSY_POLL_ROUNDS says why).
+BUSY_POLL_ROUNDS empty polls first yield to the other tasks (which post the next work),
+which saves the arm/epoll/read/ack round of a sleep when more completions follow soon.
 """
 
 from __future__ import annotations
@@ -40,9 +39,7 @@ class CompletionError(RuntimeError):
 class AsyncCompletionQueue:
     """One CQ plus its completion channel, for use from a single trio task."""
 
-    def __init__(
-        self, device: VerbsDevice, depth: int, busy_poll_rounds: int = BUSY_POLL_ROUNDS
-    ) -> None:
+    def __init__(self, device: VerbsDevice, depth: int) -> None:
         before = _native.open_fds()
         self.channel: Any = pv().cq.CompChannel(device.context)
         self.fd = _native.new_fd_matching(before, "infinibandevent")
@@ -52,7 +49,6 @@ class AsyncCompletionQueue:
         self._unacked = 0
         self._armed = False
         self._busy_rounds = 0
-        self._busy_poll_rounds = busy_poll_rounds
 
     def poll(self, max_entries: int = 32) -> list[Any]:
         """Completions available now (never blocks)."""
@@ -64,7 +60,7 @@ class AsyncCompletionQueue:
         while True:
             wcs = self.poll(max_entries)
             if wcs:
-                self._busy_rounds = self._busy_poll_rounds
+                self._busy_rounds = BUSY_POLL_ROUNDS
                 return wcs
             if self._busy_rounds:
                 self._busy_rounds -= 1

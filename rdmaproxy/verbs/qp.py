@@ -15,7 +15,7 @@ from rdmaproxy.pool import PinnedPool
 from rdmaproxy.verbs._pyverbs import pv
 from rdmaproxy.verbs.cq import AsyncCompletionQueue
 from rdmaproxy.verbs.device import VerbsDevice
-from rdmaproxy.verbs.poster import ThreadedPoster
+from rdmaproxy.verbs.poster import Batch, ThreadedPoster
 
 INLINE_MAX = 64
 #: A batch carrying at most this many bytes is posted by the caller itself when the poster
@@ -105,12 +105,7 @@ class SendQueue:
         e = pv().enums
         self._signaled = int(e.IBV_SEND_SIGNALED)
         self._inline = int(e.IBV_SEND_INLINE)
-        self._pending: list[tuple[int, int, int, int, int, int, int, tuple[int, int] | None]] = []
-
-    @property
-    def pending(self) -> int:
-        """Requests added and not yet flushed."""
-        return len(self._pending)
+        self._pending: Batch = []
 
     def add(
         self, opcode: int, wr_id: int, addr: int, length: int, lkey: int, *,
