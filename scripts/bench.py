@@ -307,14 +307,17 @@ class Perftest:
         """Average BW of ``tool`` (ib_write_bw / ib_read_bw); perftest's MB/sec is 2**20 B/s
         (perftest_parameters.c divides by 0x100000; its --help says MiB=2^20 byte)."""
         count = ["-D", str(self.bw_seconds), "-f", str(self.margin)]
-        machine = SystemCpu()
-        counters = RxeCounters()
-        row = perftest_row(self._run(tool, size, count), 5)
-        cpu = machine.percent()
-        rxe = counters.delta()
+
+        def attempt() -> tuple[list[float], dict[str, float], dict[str, int]]:
+            """perftest's row, with the machine's CPU and rxe's counters during that run."""
+            machine, counters = SystemCpu(), RxeCounters()
+            row = perftest_row(self._run(tool, size, count), 5)
+            return row, machine.percent(), counters.delta()
+
+        row, cpu, rxe = attempt()
         if row[3] <= 0:  # nothing completed in the measured window: a stall, retry once
             log(f"{tool} {size}B completed nothing in {self.bw_seconds}s; retrying once")
-            row = perftest_row(self._run(tool, size, count), 5)
+            row, cpu, rxe = attempt()
             if row[3] <= 0:
                 raise RuntimeError(f"{tool} {size}B: no operation completed in the measured "
                                    f"window twice (the device stalled)")
@@ -1020,24 +1023,23 @@ def paired_section(res: Results, children: Children, plan: Plan, work: Path,
                 rounds.append(got)
 
 
+def paired_figures(doc: dict[str, Any]) -> list[tuple[float, float, float, float]]:
+    """Per round: (ib_write_bw, rstream, 1-stream download, 8-stream download) in MiB/s."""
+    return [(r["ib_write_bw"]["mib_s"], r["rstream"]["mib_s"], r["download_1"]["mib_s"],
+             r["download_8"]["mib_s"]) for r in get(doc, "paired.rounds") or []]
+
+
 def paired_ratios(doc: dict[str, Any]) -> dict[str, list[float]]:
     """Per round: 1-stream / ib_write_bw, 1-stream / rstream, 8-stream / ib_write_bw."""
-    out: dict[str, list[float]] = {"x1_vs_ib_write_bw": [], "x1_vs_rstream": [],
-                                   "x8_vs_ib_write_bw": []}
-    for r in get(doc, "paired.rounds") or []:
-        wbw, rs = r["ib_write_bw"]["mib_s"], r["rstream"]["mib_s"]
-        one, eight = r["download_1"]["mib_s"], r["download_8"]["mib_s"]
-        out["x1_vs_ib_write_bw"].append(round(one / wbw, 3))
-        out["x1_vs_rstream"].append(round(one / rs, 3))
-        out["x8_vs_ib_write_bw"].append(round(eight / wbw, 3))
-    return out
+    figures = paired_figures(doc)
+    return {"x1_vs_ib_write_bw": [round(one / wbw, 3) for wbw, _, one, _ in figures],
+            "x1_vs_rstream": [round(one / rs, 3) for _, rs, one, _ in figures],
+            "x8_vs_ib_write_bw": [round(eight / wbw, 3) for wbw, _, _, eight in figures]}
 
 
 def paired_rows(doc: dict[str, Any]) -> list[tuple[str, str]]:
     rows = []
-    for i, r in enumerate(get(doc, "paired.rounds") or []):
-        wbw, rs = r["ib_write_bw"]["mib_s"], r["rstream"]["mib_s"]
-        one, eight = r["download_1"]["mib_s"], r["download_8"]["mib_s"]
+    for i, (wbw, rs, one, eight) in enumerate(paired_figures(doc)):
         rows.append((f"round {i + 1}: ib_write_bw / rstream 1 MiB",
                      f"{wbw:.2f} / {rs:.2f} MiB/s"))
         rows.append((f"round {i + 1}: rdmaproxy download x1 / x8",
@@ -1051,7 +1053,7 @@ def compare_section(res: Results, children: Children, plan: Plan, work: Path,
     """--compare: the variants' 1- and 8-stream downloads, alternating, ``plan.rounds`` times.
 
     One variant after the other within each round, so that a slow spell of the machine (this
-    VM's speed drifts by ±10 % over minutes) falls on all of them alike."""
+    VM's speed drifts by up to a third within a run) falls on all of them alike."""
     port = 7600
     for r in range(plan.rounds):
         for name, options in plan.compare:
