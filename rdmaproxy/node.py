@@ -467,6 +467,8 @@ class PeerLink:
             proof=bytes(32),
         )
         self.streams: dict[int, RingStream] = {}
+        # what this link posted: data WRITEs and their bytes, tail updates (rdmaproxy status)
+        self.data_writes = self.data_bytes = self.tail_updates = 0
         self.ready = trio.Event()
         self.dead: str | None = None
         self.hello_done = trio.Event()
@@ -563,6 +565,9 @@ class PeerLink:
             raise
         ring.advance_head(n)
         stream.row.record_sent(n)
+        if n:
+            self.data_writes += 1
+            self.data_bytes += n
         if want_tail:
             stream.asked_tail = True
 
@@ -579,6 +584,7 @@ class PeerLink:
         self._post(self._opcodes[0], None, self.scratch.address + offset, 8, self.scratch.lkey,
                    remote=(remote, self.remote.rkey),
                    imm=wire.encode_imm(wire.ImmKind.TAIL, peer_slot), inline=True)
+        self.tail_updates += 1
 
     def post_ctrl(self, message: wire.Message) -> None:
         if self.dead is not None:
@@ -720,12 +726,19 @@ class RdmaNode:
         return {
             "device": None if self.device is None else self.device.name,
             "listen": None if self.config.listen is None else _fmt(self.config.listen),
-            "peers": [
-                {"peer": name, "state": state,
-                 "streams": len(self.links[name].streams) if name in self.links else 0}
-                for name, state in sorted(self.peer_state.items())
-            ],
+            "peers": [self._peer_status(name, state)
+                      for name, state in sorted(self.peer_state.items())],
         }
+
+    def _peer_status(self, name: str, state: str) -> dict[str, Any]:
+        """One peer for `rdmaproxy status`; while its link is up, what that link has posted:
+        data WRITEs, their bytes (so the mean WRITE size) and tail updates."""
+        link = self.links.get(name)
+        if link is None:
+            return {"peer": name, "state": state, "streams": 0}
+        return {"peer": name, "state": state, "streams": len(link.streams),
+                "writes": link.data_writes, "bytes_written": link.data_bytes,
+                "tail_updates": link.tail_updates}
 
     # -- connections --------------------------------------------------------------------------
     def _hello(self, link: PeerLink, nonce_c: bytes, nonce_a: bytes, role: wire.ProofRole) -> None:

@@ -59,7 +59,8 @@ def test_bench_quick(rxe_pair: RxePair, tmp_path: Path) -> None:
         assert isinstance(value, int | float) and value > 0, f"{path} = {value!r}"
     for proxy in PROXIES:  # idle CPU may be 0.0 (no tick in the window): present, not negative
         assert figure(doc, f"rdmaproxy.idle_cpu_pct.{proxy}") >= 0
-    assert figure(doc, "rdmaproxy.bulk.download.1.content_verified") is True
+    for run in ("download_1", "download_8", "upload_1", "upload_8"):  # untimed, checksummed
+        assert figure(doc, f"rdmaproxy.content_check.{run}.content_verified") is True
     meta = doc["meta"]
     assert meta["uname"] and meta["git_rev"] and meta["date"]
     assert {rxe_pair.a.device, rxe_pair.b.device} <= set(meta["rdma_devices"])
