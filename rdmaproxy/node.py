@@ -186,10 +186,11 @@ class RingStream(trio.abc.HalfCloseableStream):
         if not self.row.machine.can_send_data:
             raise trio.ClosedResourceError("stream's sending side is closed")
 
-    async def _wait_ring_space(self) -> None:
+    async def _wait_ring_space(self, pending: int | None = None) -> None:
+        """Until the peer's ring has room for the next WRITE (SenderRing.may_write)."""
         while True:
             self._check_sendable()
-            if self.send_ring.free:
+            if self.send_ring.may_write(self.link.chunk_size, pending):
                 return
             if not self.asked_tail:  # never wait for space without having asked for it
                 self.link.post_data(self, None, 0)
@@ -203,7 +204,7 @@ class RingStream(trio.abc.HalfCloseableStream):
         view = memoryview(data).cast("B")
         async with self._send_lock:
             while view:
-                await self._wait_ring_space()
+                await self._wait_ring_space(len(view))
                 chunk = await self.link.take_staging()
                 try:
                     self._check_sendable()
@@ -237,8 +238,8 @@ class RingStream(trio.abc.HalfCloseableStream):
                         moved = n
                         # more while the socket fills whole chunks and nothing needs waiting for
                         budget = SPLICE_BUDGET - 1
-                        while (budget and n == link.chunk_size and self.send_ring.free
-                               and link.staging_free):
+                        while (budget and n == link.chunk_size and link.staging_free
+                               and self.send_ring.may_write(link.chunk_size)):
                             budget -= 1
                             n = self._read_into_staging(fd, link.staging_free.pop())
                             if not n:
@@ -552,7 +553,7 @@ class PeerLink:
         ring = stream.send_ring
         peer_ring, peer_slot = stream.row.peer_ring_addr, stream.row.peer_slot
         assert peer_ring is not None and peer_slot is not None
-        want_tail = ring.free - n < self.chunk_size
+        want_tail = ring.free - n < ring.room_wanted(self.chunk_size)
         kind = wire.ImmKind.DATA_WANT_TAIL if want_tail else wire.ImmKind.DATA
         addr = self.staging.address + (chunk or 0) * self.chunk_stride
         try:

@@ -160,16 +160,35 @@ class SenderRing:
         self.peer_tail = tail
         return freed
 
-    def needs_tail(self, chunk_size: int) -> bool:
-        """Whether a head update announcing the current head must carry DATA_WANT_TAIL.
+    def room_wanted(self, chunk_size: int) -> int:
+        """Free bytes a sender of bulk data waits for before its next WRITE.
 
-        True when less than ``chunk_size`` bytes are free (a full ring included): the sender
-        is about to block, so it asks the receiver for a tail update as soon as anything
-        drains. A sender never waits for space without having asked (design.md).
+        Sender-side silly-window avoidance (RFC 1122 4.2.3.4, and SMC-R's lesson): writing
+        into every sliver the receiver frees makes small WRITEs, and each costs both proxies
+        about as much as a full one. So the sender waits for a whole chunk, or for 7/8 of the
+        ring when the chunk is larger. That much room always comes: the receiver reports its
+        tail every 1/8 of the ring it drains (`ReceiverRing.tail_update_due`).
         """
         if chunk_size <= 0:
             raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
-        return self.free < chunk_size
+        return min(chunk_size, self.ring_size - self.ring_size // TAIL_UPDATE_FRACTION)
+
+    def may_write(self, chunk_size: int, pending: int | None = None) -> bool:
+        """Whether to WRITE now: `room_wanted` is free, or ``pending`` (bytes the caller has
+        to send, when it knows) fits whole; never into a full ring."""
+        wanted = self.room_wanted(chunk_size)
+        if pending is not None:
+            wanted = min(wanted, pending)
+        return self.free >= max(1, wanted)
+
+    def needs_tail(self, chunk_size: int) -> bool:
+        """Whether a head update announcing the current head must carry DATA_WANT_TAIL.
+
+        True when less than `room_wanted` is free (a full ring included): the sender is
+        about to wait for room, so it asks the receiver for a tail update once its ring is
+        empty. A sender never waits for space without having asked (design.md).
+        """
+        return self.free < self.room_wanted(chunk_size)
 
 
 @attrs.define(slots=True, on_setattr=attrs.setters.NO_OP)
@@ -288,15 +307,20 @@ class ReceiverRing:
         """Whether the receiver should write its tail back now (design.md "Tail updates").
 
         (a) at least 1/8 of the ring drained since the last update sent, or
-        (b) the sender asked with DATA_WANT_TAIL and anything drained since, or
+        (b) the sender asked with DATA_WANT_TAIL, something drained since, and the ring is
+            empty, or
         (c) the last byte before the peer's FIN has been drained (and not yet reported).
+
+        Receiver-side silly-window avoidance: (b) used to answer after any drained byte, so a
+        client that reads fast turned one asked-for update into many small ones, and the
+        sender wrote into each sliver (half-size WRITEs, twice the CPU per byte, measured).
         """
         drained = self.tail - self.last_sent_tail
         if drained <= 0:
             return False
         if drained >= self.ring_size // TAIL_UPDATE_FRACTION:
             return True
-        if self.want_tail:
+        if self.want_tail and self.head == self.tail:
             return True
         return self.fully_drained
 

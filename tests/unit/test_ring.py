@@ -227,26 +227,39 @@ def test_tail_policy_fraction() -> None:
 
 
 def test_tail_policy_want_tail() -> None:
+    """Asked, the receiver answers once its ring is empty, not after every drained sliver."""
     r = ReceiverRing(64)
     r.set_head(10, want_tail=True)
     assert r.want_tail
     assert not r.tail_update_due()  # nothing drained yet
     r.consume(1)
-    assert r.tail_update_due()
-    assert r.mark_tail_sent() == 1
+    assert not r.tail_update_due()  # 1 byte drained, 9 still in the ring
+    r.consume(6)
+    assert not r.tail_update_due()
+    r.consume(3)
+    assert r.tail_update_due()  # empty
+    assert r.mark_tail_sent() == 10
     assert not r.want_tail
+    r.set_head(11)
     r.consume(1)
     assert not r.tail_update_due()  # the request was answered
 
 
 def test_tail_policy_want_tail_with_earlier_drain() -> None:
-    """Bytes drained before the request arrived count: answer at once."""
+    """Bytes drained before the request arrived count: an empty ring answers at once."""
     r = ReceiverRing(64)
-    r.set_head(10)
-    r.consume(3)
+    r.set_head(7)
+    r.consume(7)  # less than 1/8
     assert not r.tail_update_due()
-    r.set_head(12, want_tail=True)
+    r.set_head(7, want_tail=True)  # a zero-length DATA_WANT_TAIL: it only asks
     assert r.tail_update_due()
+
+
+def test_tail_policy_want_tail_still_answers_each_eighth() -> None:
+    r = ReceiverRing(64)
+    r.set_head(64, want_tail=True)
+    r.consume(8)
+    assert r.tail_update_due()  # (a): 1/8 of the ring, ring not empty
 
 
 def test_tail_policy_final_drain() -> None:
@@ -298,6 +311,9 @@ class _Pair:
         return len(self.data) - (self.sender.head - self.base)
 
     def write(self, want: int) -> bool:
+        """Write up to ``want`` bytes when the sender's silly-window rule lets it."""
+        if not self.sender.may_write(self.chunk, min(want, self.pending)):
+            return False
         n = min(want, self.pending, self.chunk)
         spans = self.sender.writable_spans(n)
         written = sum(length for _, length in spans)
@@ -432,8 +448,9 @@ def test_tail_updates_are_sparse() -> None:
     assert pair.tail_updates <= (total // ring) * 8 + 2
 
 
-def test_blocked_sender_gets_tail_after_first_drained_byte() -> None:
-    """DATA_WANT_TAIL: a sender that fills the ring hears back after any drain, not 1/8."""
+def test_blocked_sender_hears_back_when_the_ring_empties() -> None:
+    """DATA_WANT_TAIL: a sender that fills the ring hears back at each 1/8 drained and once
+    the ring is empty, not after every drained sliver."""
     pair = _Pair(64, 0, 16, 1000, seed=2)
     while pair.write(16):
         pass
@@ -444,9 +461,51 @@ def test_blocked_sender_gets_tail_after_first_drained_byte() -> None:
     while pair.deliver_to_receiver():
         pass
     pair.drain(1)
-    assert list(pair.to_sender) == [1]
-    pair.deliver_to_sender()
-    assert pair.sender.free == 1
+    assert not pair.to_sender
+    pair.drain(7)
+    assert list(pair.to_sender) == [8]  # (a)
+    pair.drain(60)
+    assert pair.to_sender[-1] == 64  # (a) on the way, then (b): empty
+    while pair.deliver_to_sender():
+        pass
+    assert pair.sender.free == 64
+
+
+def test_sender_waits_for_a_chunk_of_room() -> None:
+    s = SenderRing(64)
+    assert s.room_wanted(16) == 16
+    assert s.room_wanted(64) == 56  # at most 7/8 of the ring: each 1/8 drained is reported
+    s.advance_head(56)
+    assert s.free == 8
+    assert not s.may_write(16)  # bulk: wait for a whole chunk
+    assert s.may_write(16, pending=8)  # what is left to send fits whole
+    assert not s.may_write(16, pending=9)
+    s.advance_head(8)
+    assert not s.may_write(16, pending=1)  # never into a full ring
+    with pytest.raises(ValueError):
+        s.room_wanted(0)
+
+
+def test_fast_reader_gets_no_sliver_writes() -> None:
+    """A receiver that drains every byte as it lands (a client reading with a big buffer)
+    leaves the sender writing whole chunks, with about two tail updates per chunk."""
+    ring, chunk, total = 1 << 12, 1 << 10, 1 << 18
+    pair = _Pair(ring, 0, chunk, total, seed=4)
+    sizes = []
+    while pair.pending or not pair.receiver.fully_drained:
+        before = pair.sender.head
+        if pair.write(chunk):
+            sizes.append(pair.sender.head - before)
+        pair.send_fin()
+        while pair.deliver_to_receiver():
+            pass
+        while pair.drain(97):  # slivers
+            pass
+        while pair.deliver_to_sender():
+            pass
+    pair.check()
+    assert min(sizes) == chunk
+    assert pair.tail_updates <= 2 * total // chunk + 2
 
 
 def test_without_want_tail_the_sender_waits_for_an_eighth() -> None:
