@@ -104,7 +104,7 @@ class ServeConfig:
     chunk_size: int = DEFAULT_CHUNK_SIZE
     #: Post send requests from a thread of their own, through ctypes, without the GIL
     #: (rdmaproxy/verbs/poster.py); False posts through pyverbs from the event loop.
-    post_thread: bool = False
+    post_thread: bool | None = None  # None: auto (on for software devices, node.py)
     name: str = "rdmaproxy"
     #: Path of the admin socket; None: no admin socket (embedding, tests).
     admin_socket: Path | None = None
@@ -367,11 +367,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--post-thread",
         action=argparse.BooleanOptionalAction,
-        default=False,
+        default=None,
         help="post RDMA send requests from a thread of their own, through ctypes and without "
-        "holding Python's GIL (default: off, post through pyverbs from the event loop). "
-        "Soft-RoCE copies a WRITE inside the post, so on a host with idle cores the thread "
-        "lets the proxy read sockets meanwhile; docs/performance.md has the measurements.",
+        "holding Python's GIL, or (--no-post-thread) through pyverbs from the event loop. "
+        "Default: a thread for software devices (Soft-RoCE, siw), which copy a WRITE inside "
+        "the post, so the proxy reads sockets meanwhile; pyverbs for hardware RNICs, whose "
+        "post only rings a doorbell. docs/performance.md has the measurements.",
     )
     parser.add_argument(
         "--name",

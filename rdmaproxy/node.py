@@ -55,6 +55,7 @@ from rdmaproxy.stream_state import (
     SendRefused,
     SendReset,
 )
+from rdmaproxy.verbs._native import NativeLayoutError
 from rdmaproxy.verbs._pyverbs import pv
 from rdmaproxy.verbs.cm import ConnectionManager, ConnectionRequest, RCConnection
 from rdmaproxy.verbs.cq import AsyncCompletionQueue, CompletionError
@@ -440,12 +441,7 @@ class PeerLink:
         device = node.device
         self.cq = AsyncCompletionQueue(device, SEND_DEPTH + RECV_DEPTH)
         self.qp = create_rc_qp(device, self.cq, max_send_wr=SEND_DEPTH, max_recv_wr=RECV_DEPTH)
-        poster = None
-        if node.config.post_thread:
-            token = trio.lowlevel.current_trio_token()
-            poster = ThreadedPoster(
-                self.qp, lambda reason: _call_soon(token, self._post_failed_later, reason))
-        self.sq = SendQueue(self.qp, batch_max=SPLICE_BUDGET * 2, poster=poster)
+        self.sq = SendQueue(self.qp, batch_max=SPLICE_BUDGET * 2, poster=self._poster())
         self._batching = 0
         self.cancel_scope: trio.CancelScope | None = None
         self.window: SendWindow[int] = SendWindow(SEND_DEPTH, SIGNAL_EVERY)
@@ -475,6 +471,19 @@ class PeerLink:
         self.hello_done = trio.Event()
         # (nonce of the connector, nonce of the acceptor, the role whose proof we expect)
         self.nonces: tuple[bytes, bytes, wire.ProofRole] = (b"", b"", wire.ProofRole.ACCEPTOR)
+
+    def _poster(self) -> ThreadedPoster | None:
+        """A poster thread for this QP when the node posts from one (RdmaNode.post_thread);
+        None (post through pyverbs) if not, or if the native layout check fails."""
+        if not self.node.post_thread:
+            return None
+        token = trio.lowlevel.current_trio_token()
+        try:
+            return ThreadedPoster(
+                self.qp, lambda reason: _call_soon(token, self._post_failed_later, reason))
+        except NativeLayoutError as exc:
+            log.warning("peer %s: posting through pyverbs, not a thread: %s", self.name, exc)
+            return None
 
     # -- staging ------------------------------------------------------------------------------
     async def take_staging(self) -> int:
@@ -687,6 +696,9 @@ class RdmaNode:
         self.cm: ConnectionManager | None = None
         self.peer_state: dict[str, str] = {}
         self._nursery: trio.Nursery | None = None
+        #: Post send requests from a thread per QP (--post-thread; by default when the device
+        #: copies inside post_send). Set once the device is open.
+        self.post_thread = False
 
     # -- lifecycle ----------------------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -695,6 +707,8 @@ class RdmaNode:
             raise ValueError("an RDMA node needs --listen (its address picks the device)")
         ip, port = config.listen
         self.device = VerbsDevice.for_ip(ip)
+        self.post_thread = (self.device.copies_in_post if config.post_thread is None
+                            else config.post_thread)
         self.pool = PinnedPool(config.pool_size)
         self.pool_view = memoryview(self.pool.buffer)
         self.mr = register_memory(self.device, self.pool.address, self.pool.size)
@@ -707,9 +721,10 @@ class RdmaNode:
                 nursery.start_soon(self._accept_loop, listener)
                 for peer in config.peers:
                     nursery.start_soon(self._connect_loop, peer)
-                log.info("RDMA node on %s (device %s, pool %d MiB, %d rings of %d KiB)",
-                         f"{ip}:{port}", self.device.name, self.pool.size >> 20,
-                         self.registry.allocator.n_slots, config.ring_size >> 10)
+                log.info("RDMA node on %s (device %s, pool %d MiB, %d rings of %d KiB, "
+                         "posting from %s)", f"{ip}:{port}", self.device.name,
+                         self.pool.size >> 20, self.registry.allocator.n_slots,
+                         config.ring_size >> 10, "a thread" if self.post_thread else "pyverbs")
                 task_status.started()
         finally:  # synchronous teardown, in the order verbs objects must be closed
             for link in list(self.links.values()):
@@ -726,6 +741,7 @@ class RdmaNode:
     def status(self) -> dict[str, Any]:
         return {
             "device": None if self.device is None else self.device.name,
+            "post_thread": self.post_thread,
             "listen": None if self.config.listen is None else _fmt(self.config.listen),
             "peers": [self._peer_status(name, state)
                       for name, state in sorted(self.peer_state.items())],
@@ -738,6 +754,7 @@ class RdmaNode:
         if link is None:
             return {"peer": name, "state": state, "streams": 0}
         return {"peer": name, "state": state, "streams": len(link.streams),
+                "posting": "pyverbs" if link.sq.poster is None else "thread",
                 "writes": link.data_writes, "bytes_written": link.data_bytes,
                 "tail_updates": link.tail_updates}
 

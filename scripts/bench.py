@@ -864,7 +864,7 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
     name, sep, options = text.partition("=")
     if not sep or not re.fullmatch(r"[\w.+-]+", name):
         raise argparse.ArgumentTypeError(
-            f"--compare wants NAME=OPTIONS (e.g. 'thread=--post-thread'), got {text!r}")
+            f"--compare wants NAME=OPTIONS (e.g. 'pyverbs=--no-post-thread'), got {text!r}")
     return name, options.split()
 
 
@@ -1453,7 +1453,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    type=parse_variant,
                    help="also run 1- and 8-stream downloads with extra `rdmaproxy serve` "
                    "OPTIONS, alternating with the other variants --rounds times (e.g. "
-                   "--compare default= --compare thread=--post-thread); repeatable")
+                   "--compare default= --compare pyverbs=--no-post-thread); repeatable")
     p.add_argument("--rounds", type=int, default=3, help="rounds of --compare (default 3)")
     p.add_argument("--pairs", type=int, help="paired rounds (anchors and rdmaproxy back to "
                    "back) that the bars are judged on (default 3; --quick 1)")

@@ -97,6 +97,11 @@ def device_names() -> list[str]:
         return []
 
 
+#: vendor_id of the software providers, which copy a WRITE's payload inside ``post_send``:
+#: rxe (Soft-RoCE, RXE_VENDOR_ID) and siw (soft iWARP, SIW_VENDOR_ID, "bmt").
+SOFTWARE_VENDOR_IDS = frozenset({0xFFFFFF, 0x626D74})
+
+
 class VerbsDevice:
     """An opened device: its verbs context and one protection domain for all our objects."""
 
@@ -113,6 +118,9 @@ class VerbsDevice:
         self.max_qp_wr: int = attr.max_qp_wr
         self.max_cqe: int = attr.max_cqe
         self.max_mr_size: int = attr.max_mr_size
+        #: The provider does a WRITE's work (copies, checksums) inside ``post_send``, as rxe
+        #: and siw do; a hardware RNIC's post only rings a doorbell.
+        self.copies_in_post: bool = attr.vendor_id in SOFTWARE_VENDOR_IDS
 
     @classmethod
     def for_ip(cls, ip: str) -> VerbsDevice:

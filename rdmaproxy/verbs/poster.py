@@ -6,8 +6,9 @@ softirq of the same CPU. pyverbs keeps the GIL for the whole call, so the proxy'
 (socket reads, completions, the event loop) stops while rxe copies. `ThreadedPoster` calls the
 provider's ``post_send`` through ctypes, which releases the GIL, from one thread per queue
 pair: the event loop goes on filling the next chunk while rxe copies the last one. On a real
-RNIC the post is a doorbell and the thread gains little. It is off by default
-(``--post-thread``); docs/performance.md has the measurements.
+RNIC the post is a doorbell and the thread gains little, so it is on by default only for
+software devices (``VerbsDevice.copies_in_post``; ``--post-thread``/``--no-post-thread``
+override); docs/performance.md has the measurements.
 
 ``ibv_post_send`` is a static inline in ``<infiniband/verbs.h>``:
 ``qp->context->ops.post_send(qp, wr, bad_wr)``. The layouts used here (``struct ibv_qp``,

@@ -49,7 +49,7 @@ def expected_figures(doc: dict[str, Any]) -> list[str]:
 def test_bench_quick(rxe_pair: RxePair, tmp_path: Path) -> None:
     out = tmp_path / "bench"
     done = subprocess.run([sys.executable, str(BENCH), "--quick", "--out", str(out),
-                           "--compare", "thread=--post-thread", "--rounds", "1"],
+                           "--compare", "pyverbs=--no-post-thread", "--rounds", "1"],
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, f"bench failed:\n{done.stdout[-6000:]}\n{done.stderr[-6000:]}"
     doc = json.loads((out / "bench.json").read_text())
@@ -69,7 +69,7 @@ def test_bench_quick(rxe_pair: RxePair, tmp_path: Path) -> None:
     for key in ("ib_write_bw", "rstream", "download_1", "download_8"):
         assert paired[key]["mib_s"] > 0, key
     assert paired["download_1"]["system_cpu_pct"]["busy"] > 0
-    (compared,) = doc["compare"]["thread"]["rounds"]  # the --post-thread variant ran too
+    (compared,) = doc["compare"]["pyverbs"]["rounds"]  # the --no-post-thread variant ran too
     assert compared["1"]["mib_s"] > 0 and compared["8"]["mib_s"] > 0
     assert {b["result"] for b in doc["bars"]} <= {"PASS", "FAIL"}
     assert all(len(b["rounds"]) == 1 for b in doc["bars"][:3])

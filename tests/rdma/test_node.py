@@ -32,7 +32,7 @@ SECRET = b"test secret"
 
 def make_config(
     listen: tuple[str, int], peers: list[tuple[str, int]], secret: bytes,
-    pool_size: int = 32 * MiB, post_thread: bool = True,
+    pool_size: int = 32 * MiB, post_thread: bool | None = True,
 ) -> Any:
     # 64 KiB rings: the 3 MiB echo wraps each ring ~50 times; 32 MiB holds ~500 streams
     return ServeConfig(
@@ -54,7 +54,7 @@ async def wait_for_peer(node: RdmaNode, timeout: float = 30) -> None:
 @asynccontextmanager
 async def proxied(
     rxe: RxePair, port: int, *, ingress_pool: int = 32 * MiB, users: UserTable | None = None,
-    post_thread: bool = True,
+    post_thread: bool | None = True,
 ) -> AsyncIterator[tuple[RdmaNode, RdmaNode, int]]:
     """(ingress node, egress node, SOCKS port of the ingress)."""
     egress = make_node(make_config((rxe.b.ip, port), [], SECRET, post_thread=post_thread))
@@ -208,6 +208,39 @@ async def test_links_use_the_configured_ack_timeout(rxe_pair: RxePair, rdma_port
             (link,) = node.links.values()
             attr, _init = link.qp.query(enums.IBV_QP_TIMEOUT | enums.IBV_QP_RETRY_CNT)
             assert attr.timeout == node.config.ack_timeout == DEFAULT_ACK_TIMEOUT
+
+
+async def test_software_devices_post_from_a_thread_by_default(
+    rxe_pair: RxePair, rdma_port: int
+) -> None:
+    """Without --post-thread/--no-post-thread, links on rxe (which copies inside post_send)
+    post from a thread, and `status` says so, per node and per peer."""
+    async with proxied(rxe_pair, rdma_port, post_thread=None) as (ingress, egress, socks_port):
+        with trio.fail_after(30):
+            while not egress.links:
+                await trio.sleep(0.05)
+        for node in (ingress, egress):
+            assert node.config.post_thread is None and node.post_thread
+            (link,) = node.links.values()
+            assert link.sq.poster is not None
+            doc = node.status()
+            assert doc["post_thread"] is True
+            assert [peer["posting"] for peer in doc["peers"]] == ["thread"]
+        async with tcp_target(echo) as target_port:
+            stream = await socks_connect(socks_port, "127.0.0.1", target_port)
+            payload = os.urandom(300_000)
+            received = bytearray()
+
+            async def reader() -> None:
+                received.extend(await receive_all(stream))
+
+            with trio.fail_after(60):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(reader)
+                    await stream.send_all(payload)
+                    await stream.send_eof()
+            assert received == payload
+            await stream.aclose()
 
 
 async def test_reset_propagates_and_codes(rxe_pair: RxePair, rdma_port: int) -> None:

@@ -133,7 +133,7 @@ def test_direct_defaults(run_dir: Path) -> None:
     assert cfg.users is None
     assert cfg.pool_size == DEFAULT_POOL_SIZE == 256 << 20
     assert cfg.ring_size == DEFAULT_RING_SIZE == 4 << 20
-    assert cfg.chunk_size == 1 << 20 and not cfg.post_thread
+    assert cfg.chunk_size == 1 << 20 and cfg.post_thread is None  # auto: node.py decides
     assert cfg.ack_timeout == 16
     assert cfg.name == "127.0.0.1-1080"
     assert cfg.admin_socket == run_dir / "127.0.0.1-1080.sock"
