@@ -805,7 +805,9 @@ class RdmaNode:
             log.warning("refusing an RDMA connection: %s", exc)
             request.reject()
             return
-        link = PeerLink(self, f"in#{next(self._accepted)}")
+        remote = request.remote_address
+        name = f"in#{next(self._accepted)}"
+        link = PeerLink(self, name if remote is None else f"{name} from {_fmt(remote)}")
         nonce_a = wire.make_nonce()
         try:
             link.conn = await request.accept(

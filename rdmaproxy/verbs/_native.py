@@ -1,10 +1,11 @@
 """Small, self-checking peeks into pyverbs 44 objects that its Python API does not expose.
 
 pyverbs 44 gives no access to an event channel's fd, nor to which ``rdma_cm_id`` an event
-belongs to (needed to route the events of several connections that share one channel). Both are
-plain C pointers held by Cython objects at a fixed offset. Every peek here is verified against
-something observable (``/proc/self/fd`` link names, the event type pyverbs reports), so a pyverbs
-with another layout fails loudly instead of misbehaving.
+belongs to (needed to route the events of several connections that share one channel), nor to
+the addresses of a connecting peer. They are plain C fields at fixed offsets. Every peek here
+is verified against something observable (``/proc/self/fd`` link names, the event type pyverbs
+reports, the route's source being the listener's own address), so a pyverbs with another
+layout fails loudly, or falls back, instead of misbehaving.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from __future__ import annotations
 import ctypes
 import fcntl
 import os
+import socket
+import sys
 from typing import Any
 
 # Layout of a pyverbs 44 Cython object: PyObject_HEAD (16 bytes), PyverbsObject's __weakref__ and
@@ -21,8 +24,13 @@ _FIRST_FIELD_OFFSET = 40
 
 # struct rdma_cm_event { rdma_cm_id *id; rdma_cm_id *listen_id; int event; int status; ... }
 _EV_ID, _EV_LISTEN_ID, _EV_TYPE, _EV_STATUS = 0, 8, 16, 20
-# struct rdma_cm_id { ibv_context *verbs; rdma_event_channel *channel; ... }
+# struct rdma_cm_id { ibv_context *verbs; rdma_event_channel *channel; void *context;
+#                     ibv_qp *qp; struct rdma_route route; ... }; the route starts with
+# struct rdma_addr { union { ...; sockaddr_storage src_storage; };
+#                    union { ...; sockaddr_storage dst_storage; }; ... }
 _ID_CHANNEL = 8
+_ID_SRC_ADDR = 32
+_ID_DST_ADDR = _ID_SRC_ADDR + 128  # sizeof(struct sockaddr_storage)
 
 
 class NativeLayoutError(RuntimeError):
@@ -85,6 +93,29 @@ def cm_id_pointer(cmid: Any) -> int:
 
 def cm_id_channel_pointer(cm_id: int) -> int:
     return _pointer_at(cm_id + _ID_CHANNEL)
+
+
+def parse_sockaddr(raw: bytes) -> tuple[str, int] | None:
+    """(host, port) of a ``struct sockaddr_in``/``sockaddr_in6`` in ``raw``; None for any
+    other family."""
+    if len(raw) < 28:
+        return None
+    family = int.from_bytes(raw[0:2], sys.byteorder)
+    port = int.from_bytes(raw[2:4], "big")
+    if family == socket.AF_INET:
+        return socket.inet_ntop(socket.AF_INET, raw[4:8]), port
+    if family == socket.AF_INET6:
+        return socket.inet_ntop(socket.AF_INET6, raw[8:24]), port
+    return None
+
+
+def cm_id_addresses(cm_id: int) -> tuple[tuple[str, int] | None, tuple[str, int] | None]:
+    """(source, destination) addresses of an ``rdma_cm_id``'s route; the caller checks the
+    source against what it knows before it trusts the destination."""
+    if not cm_id:
+        return None, None
+    return (parse_sockaddr(ctypes.string_at(cm_id + _ID_SRC_ADDR, 28)),
+            parse_sockaddr(ctypes.string_at(cm_id + _ID_DST_ADDR, 28)))
 
 
 class RawEvent:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import enum
 import errno
+import ipaddress
 import logging
 import math
 from collections.abc import Callable
@@ -259,6 +260,19 @@ class ConnectionManager:
         return Listener(self, cmid, pointer, events, f"{ip}:{port}")
 
 
+def _same_host(address: str, listening_on: str) -> bool:
+    """Whether ``address`` is (or, for a wildcard listener, may be) ``listening_on``."""
+    try:
+        a, b = ipaddress.ip_address(address), ipaddress.ip_address(listening_on)
+    except ValueError:
+        return False
+    if b.is_unspecified:
+        return True
+    mapped = [x.ipv4_mapped if isinstance(x, ipaddress.IPv6Address) and x.ipv4_mapped else x
+              for x in (a, b)]
+    return mapped[0] == mapped[1]
+
+
 async def _expect(
     events: trio.MemoryReceiveChannel[CMEventInfo], wanted: CMEventType, doing: str
 ) -> CMEventInfo:
@@ -328,6 +342,16 @@ class ConnectionRequest:
         name: str = self.cmid.dev_name
         return name
 
+    @property
+    def remote_address(self) -> tuple[str, int] | None:
+        """The connecting peer's (host, port), read from the ``rdma_cm_id``'s route, which
+        pyverbs 44 does not expose; None unless the route's source is the listener's own
+        address (the check that the layout is the one expected)."""
+        src, dst = _native.cm_id_addresses(self.pointer)
+        if src is None or dst is None or not _same_host(src[0], self.listener.host):
+            return None
+        return dst
+
     def reject(self, private_data: bytes = b"") -> None:
         self._done = True
         try:
@@ -388,6 +412,7 @@ class Listener:
     ) -> None:
         self.manager, self.cmid, self.pointer, self.events = manager, cmid, pointer, events
         self.where = where
+        self.host = where.rsplit(":", 1)[0].strip("[]")
 
     async def next_request(self) -> ConnectionRequest:
         while True:

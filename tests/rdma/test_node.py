@@ -196,6 +196,21 @@ async def test_many_concurrent_streams(
             await wait_idle(ingress, egress)
 
 
+async def test_accepted_peers_are_named_by_their_address(
+    rxe_pair: RxePair, rdma_port: int
+) -> None:
+    """The egress names the link it accepted after the connecting node's address (read from
+    the rdma_cm_id's route), not only `in#N`."""
+    async with proxied(rxe_pair, rdma_port) as (ingress, egress, _socks_port):
+        with trio.fail_after(30):
+            while not egress.links:
+                await trio.sleep(0.05)
+        (name,) = egress.links
+        assert name.startswith("in#1 from ") and f"{rxe_pair.a.ip}:" in name, name
+        assert [peer["peer"] for peer in egress.status()["peers"]] == [name]
+        assert list(ingress.links) == [f"{rxe_pair.b.ip}:{rdma_port}"]
+
+
 async def test_links_use_the_configured_ack_timeout(rxe_pair: RxePair, rdma_port: int) -> None:
     """Both ends of a peer link carry --ack-timeout (default 16), not rdma_cm's 19 (2.1 s
     before a lost packet is re-sent)."""
