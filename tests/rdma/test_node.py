@@ -105,6 +105,21 @@ async def receive_all(stream: trio.abc.ReceiveStream) -> bytes:
     return bytes(out)
 
 
+async def echo_round_trip(stream: trio.SocketStream, payload: bytes, timeout: float) -> bytes:
+    """Send ``payload`` and half-close while reading the echo back to EOF; what came back."""
+    received = bytearray()
+
+    async def reader() -> None:
+        received.extend(await receive_all(stream))
+
+    with trio.fail_after(timeout):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reader)
+            await stream.send_all(payload)
+            await stream.send_eof()  # half-close: the echo must still come back
+    return bytes(received)
+
+
 async def wait_idle(*nodes: RdmaNode) -> None:
     with trio.fail_after(20):
         while any(len(n.registry) or n.registry.allocator.in_use for n in nodes):
@@ -121,16 +136,7 @@ async def test_echo_with_half_close_and_clean_release(
     ):
         async with tcp_target(echo) as target_port:
             stream = await socks_connect(socks_port, "127.0.0.1", target_port)
-            received = bytearray()
-
-            async def reader() -> None:
-                received.extend(await receive_all(stream))
-
-            with trio.fail_after(240):
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(reader)
-                    await stream.send_all(payload)
-                    await stream.send_eof()  # half-close: the echo must still come back
+            received = await echo_round_trip(stream, payload, 240)
             assert hashlib.sha256(received).digest() == hashlib.sha256(payload).digest()
             await stream.aclose()
             await wait_idle(ingress, egress)
@@ -244,17 +250,7 @@ async def test_software_devices_post_from_a_thread_by_default(
         async with tcp_target(echo) as target_port:
             stream = await socks_connect(socks_port, "127.0.0.1", target_port)
             payload = os.urandom(300_000)
-            received = bytearray()
-
-            async def reader() -> None:
-                received.extend(await receive_all(stream))
-
-            with trio.fail_after(60):
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(reader)
-                    await stream.send_all(payload)
-                    await stream.send_eof()
-            assert received == payload
+            assert await echo_round_trip(stream, payload, 60) == payload
             await stream.aclose()
 
 
