@@ -221,7 +221,8 @@ class RingStream(trio.abc.HalfCloseableStream):
     async def splice_from_socket(self, sock: trio.socket.SocketType) -> int:
         """Move what ``sock`` has into the peer's ring; 0 at the socket's EOF.
 
-        Waits for ring space first (backpressure: a full ring leaves the socket unread), then
+        Waits for a chunk of room in the peer's ring first (SenderRing.may_write; backpressure:
+        a full ring leaves the socket unread, and no WRITE goes into a sliver of room), then
         reads chunk after chunk while the socket has data, up to SPLICE_BUDGET chunks per call
         so other streams get their turn. Socket failures raise SpliceSocketError; stream
         failures BrokenResourceError.
