@@ -563,7 +563,7 @@ class PeerLink:
         ring = stream.send_ring
         peer_ring, peer_slot = stream.row.peer_ring_addr, stream.row.peer_slot
         assert peer_ring is not None and peer_slot is not None
-        want_tail = ring.free - n < ring.room_wanted(self.chunk_size)
+        want_tail = ring.needs_tail(self.chunk_size, writing=n)
         kind = wire.ImmKind.DATA_WANT_TAIL if want_tail else wire.ImmKind.DATA
         addr = self.staging.address + (chunk or 0) * self.chunk_stride
         try:

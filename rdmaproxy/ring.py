@@ -181,14 +181,15 @@ class SenderRing:
             wanted = min(wanted, pending)
         return self.free >= max(1, wanted)
 
-    def needs_tail(self, chunk_size: int) -> bool:
-        """Whether a head update announcing the current head must carry DATA_WANT_TAIL.
+    def needs_tail(self, chunk_size: int, writing: int = 0) -> bool:
+        """Whether the WRITE of ``writing`` more bytes (the head update it announces) must
+        carry DATA_WANT_TAIL.
 
-        True when less than `room_wanted` is free (a full ring included): the sender is
-        about to wait for room, so it asks the receiver for a tail update once its ring is
-        empty. A sender never waits for space without having asked (design.md).
+        True when less than `room_wanted` stays free after it (a full ring included): the
+        sender is about to wait for room, so it asks the receiver for a tail update once its
+        ring is empty. A sender never waits for space without having asked (design.md).
         """
-        return self.free < self.room_wanted(chunk_size)
+        return self.free - writing < self.room_wanted(chunk_size)
 
 
 @attrs.define(slots=True, on_setattr=attrs.setters.NO_OP)

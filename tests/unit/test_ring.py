@@ -130,6 +130,8 @@ def test_sender_needs_tail() -> None:
     s.advance_head(15)
     assert s.free == 0
     assert s.needs_tail(1)
+    s2 = SenderRing(64)
+    assert s2.needs_tail(16, writing=49) and not s2.needs_tail(16, writing=48)  # before a WRITE
     with pytest.raises(ValueError):
         s.needs_tail(0)
 
