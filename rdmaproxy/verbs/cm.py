@@ -257,7 +257,7 @@ class ConnectionManager:
             raise RDMAConnectError(f"cannot listen for RDMA connections on {ip}:{port}: {exc}") \
                 from exc
         self._listeners[pointer] = cmid
-        return Listener(self, cmid, pointer, events, f"{ip}:{port}")
+        return Listener(self, cmid, pointer, events, ip, port)
 
 
 def _same_host(address: str, listening_on: str) -> bool:
@@ -408,11 +408,12 @@ class Listener:
         cmid: Any,
         pointer: int,
         events: trio.MemoryReceiveChannel[CMEventInfo],
-        where: str,
+        host: str,
+        port: int,
     ) -> None:
         self.manager, self.cmid, self.pointer, self.events = manager, cmid, pointer, events
-        self.where = where
-        self.host = where.rsplit(":", 1)[0].strip("[]")
+        self.host = host
+        self.where = f"{host}:{port}"
 
     async def next_request(self) -> ConnectionRequest:
         while True:
