@@ -164,7 +164,8 @@ def send_pattern(sock: socket.socket, length: int) -> None:
         sent += n
 
 
-def sink(sock: socket.socket, length: int, crc: bool, bufsize: int = MiB) -> tuple[int, int]:
+def sink(sock: socket.socket, length: int, crc: bool,
+         bufsize: int = SINK_BUFFER) -> tuple[int, int]:
     """recv_into one buffer until ``length`` bytes or EOF; returns (count, crc32 or 0).
 
     MSG_WAITALL: each call returns with a full buffer (or at EOF), so the kernel gathers the
@@ -519,12 +520,12 @@ class BulkResult:
         return mib_s(self.nbytes, self.seconds)
 
 
-def transfer(sock: socket.socket, direction: str, length: int, verify: bool,
-             bufsize: int) -> tuple[int, int]:
+def transfer(sock: socket.socket, direction: str, length: int,
+             verify: bool) -> tuple[int, int]:
     """One stream of a bulk run: (bytes that arrived, crc32 of them or 0)."""
     if direction == "download":
         sock.sendall(HEADER.pack(b"D", 0, length))
-        return sink(sock, length + 1, verify, bufsize)  # +1: read on to the server's EOF
+        return sink(sock, length + 1, verify)  # +1: read on to the server's EOF
     sock.sendall(HEADER.pack(b"U", FLAG_CRC if verify else 0, length))
     send_pattern(sock, length)
     count, crc = UPLOAD_REPLY.unpack(recv_exact(sock, UPLOAD_REPLY.size))
@@ -559,7 +560,7 @@ def transfer_in_threads(socks: list[socket.socket], direction: str, lengths: lis
     def one(i: int) -> tuple[int, int]:
         try:
             barrier.wait()
-            return transfer(socks[i], direction, lengths[i], verify, SINK_BUFFER)
+            return transfer(socks[i], direction, lengths[i], verify)
         except BaseException:
             abort_all(socks)
             raise
